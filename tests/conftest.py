@@ -1,0 +1,25 @@
+"""Shared fixtures. Tests never need the internet: downloads are served from 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests run in the quick profile on the CPU whatever the machine, so thresholds are stable.
+os.environ.setdefault("TLCOURSE_PROFILE", "quick")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    from tlcourse import models
+
+    return models.efficientnet_lite0()
+
+
+@pytest.fixture(scope="session")
+def bundled_photos():
+    from tlcourse import datasets
+
+    return datasets.photos(["chelsea", "coffee"])

@@ -1,0 +1,113 @@
+"""The tlcourse command line, run as a learner runs it: a subprocess of the installed script."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tlcourse import cli, datasets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, env=None, timeout=300):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "tlcourse.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("command", ["env", "data", "predict", "run", "results"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    assert f"usage: tlcourse {command}" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "tlcourse"
+    assert script.exists(), "pip install -e . should have created the tlcourse console script"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "predict" in out.stdout
+
+
+def test_env_explains_machine(tmp_path):
+    out = run("env", env={"TLCOURSE_DATA": str(tmp_path), "TLCOURSE_PROFILE": ""})
+    assert out.returncode == 0, out.stderr
+    assert "profile" in out.stdout and "quick" in out.stdout
+    assert str(tmp_path) in out.stdout and "missing" in out.stdout
+    data = json.loads(run("env", "--json", env={"TLCOURSE_DATA": str(tmp_path)}).stdout)
+    assert data["data_dir"] == str(tmp_path) and data["datasets"]["hymenoptera"] == "missing"
+
+
+def test_data_list_and_verify_missing(tmp_path):
+    out = run("data", "list")
+    assert out.returncode == 0 and "hymenoptera" in out.stdout and "digits" in out.stdout
+    out = run("data", "verify", env={"TLCOURSE_DATA": str(tmp_path)})
+    assert out.returncode == 0, out.stderr  # missing is not an error, corrupt is
+    assert "hymenoptera" in out.stdout and "missing" in out.stdout
+
+
+def test_data_fetch_offline_explains(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLCOURSE_DATA", str(tmp_path))
+    offline = dataclasses.replace(datasets.DATASETS["hymenoptera"], urls=("http://127.0.0.1:9/hymenoptera_data.zip",))
+    monkeypatch.setitem(datasets.DATASETS, "hymenoptera", offline)
+    assert cli.main(["data", "fetch", "hymenoptera"]) == 1
+    assert not any(tmp_path.iterdir()), "a failed fetch left files behind"
+
+
+def test_predict_reports_bad_files_and_still_predicts(tmp_path, bundled_photos):
+    cat = tmp_path / "cat.jpg"
+    bundled_photos["chelsea"].save(cat)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 this is not really a jpeg")
+    out = run("predict", str(cat), str(tmp_path / "nope.png"), str(broken), "--top", "3", "--json")
+    assert out.returncode == 1  # some files failed
+    result = json.loads(out.stdout)
+    assert len(result[str(cat)]) == 3
+    assert any("cat" in p["class"] for p in result[str(cat)])
+    assert "no such file" in result[str(tmp_path / "nope.png")]["error"]
+    assert "not a readable image" in result[str(broken)]["error"]
+    assert "nope.png" in out.stderr and "broken.jpg" in out.stderr
+
+
+def test_predict_text_output(tmp_path, bundled_photos):
+    coffee = tmp_path / "coffee.png"
+    bundled_photos["coffee"].save(coffee)
+    out = run("predict", str(coffee), "--top", "2")
+    assert out.returncode == 0, out.stderr
+    assert "1." in out.stdout and "espresso" in out.stdout.splitlines()[1]
+
+
+def _notebook(path, source):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in source]
+    nbformat.write(nb, path)
+
+
+def test_run_executes_into_build(tmp_path):
+    good = tmp_path / "good.ipynb"
+    _notebook(good, ["import os\nprint('profile', os.environ['TLCOURSE_PROFILE'])"])
+    out = run("run", str(good), "--profile", "full", "--out", str(tmp_path / "build"))
+    assert out.returncode == 0, out.stderr
+    executed = (tmp_path / "build" / "good.ipynb").read_text()
+    assert "profile full" in executed
+    assert (tmp_path / "build" / "good.html").exists()
+
+
+def test_run_fails_loudly_and_shows_the_cell(tmp_path):
+    bad = tmp_path / "bad.ipynb"
+    _notebook(bad, ["x = 1", "assert x == 2, 'the claim does not hold'", "print('never')"])
+    out = run("run", str(bad), "--out", str(tmp_path / "build"))
+    assert out.returncode == 1
+    assert "assert x == 2" in out.stderr and "FAILED" in out.stderr
+    assert (tmp_path / "build" / "bad.ipynb").exists()  # the partial run is kept for inspection
+    out = run("run", str(tmp_path / "missing.ipynb"), "--out", str(tmp_path / "build"))
+    assert out.returncode == 1 and "does not exist" in out.stderr

@@ -1,0 +1,48 @@
+"""Structure every chapter notebook must keep (nbval executes them; see pytest addopts)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tlcourse import notebooks
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAPTERS = sorted((ROOT / "notebooks").rglob("[0-9][0-9]_*.ipynb"))
+
+
+def test_there_are_chapter_notebooks():
+    assert any(p.name.startswith("00_") for p in CHAPTERS)
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_badge_and_setup_cell_come_from_one_place(path):
+    nb = json.loads(path.read_text())
+    cells = nb["cells"]
+    relative = path.relative_to(ROOT)
+    assert notebooks.colab_badge(relative) in "".join(cells[0]["source"]), "the first cell must hold notebooks.colab_badge(path)"
+    first_code = next(c for c in cells if c["cell_type"] == "code")
+    assert "".join(first_code["source"]) == notebooks.SETUP_CELL
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_committed_with_outputs_and_modest_size(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(c.get("execution_count") for c in code), "commit notebooks executed by `tlcourse run --inplace`"
+    assert path.stat().st_size < 1_000_000
+
+
+def test_results_table_is_regenerated_from_json(tmp_path):
+    results = tmp_path / "results"
+    notebooks.write_results("00_demo", {"profile": "quick", "accuracy": 0.9412, "note": None}, results)
+    table = notebooks.results_table(results)
+    assert "| 00_demo | quick | accuracy | 0.941 |" in table and "| note | — |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{notebooks.RESULTS_START}\nold\n{notebooks.RESULTS_END}\noutro\n")
+    notebooks.update_readme(readme, results)
+    text = readme.read_text()
+    assert "old" not in text and "0.941" in text and text.startswith("intro") and text.endswith("outro\n")
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="results"):
+        notebooks.update_readme(readme, results)

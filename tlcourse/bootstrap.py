@@ -1,0 +1,103 @@
+"""Set up the course in a local virtual environment, then open it or test it.
+
+The README's two commands::
+
+    python3 -m tlcourse.bootstrap lab     # set up, then open the course in JupyterLab
+    python3 -m tlcourse.bootstrap test    # set up, then run the whole test suite
+
+Both create ``.venv/`` beside ``pyproject.toml`` on first use and reuse it afterwards;
+the package is re-installed only when ``pyproject.toml`` changed. Extra arguments go to
+JupyterLab or pytest (``... test -k data -x``).
+
+This file must run on a bare Python 3.10+ with nothing installed, so it uses the
+standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("TLCOURSE_VENV", ROOT / ".venv"))
+LANDING = "notebooks/00_setup_and_first_look.ipynb"
+EXTRAS = os.environ.get("TLCOURSE_EXTRAS", "dev")
+STAMP = VENV / ".tlcourse-install-stamp"
+
+
+def _say(msg: str) -> None:
+    print(f"[tlcourse] {msg}", flush=True)
+
+
+def _venv_python() -> Path:
+    sub = "Scripts/python.exe" if os.name == "nt" else "bin/python"
+    return VENV / sub
+
+
+def _wanted_stamp() -> str:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    return f"{digest} extras={EXTRAS} python={sys.version_info[:2]}"
+
+
+def ensure_environment() -> Path:
+    """Create ``.venv`` if needed and install tlcourse into it (editable) with its extras."""
+    if sys.version_info < (3, 10):
+        sys.exit(f"tlcourse needs Python 3.10 or newer; this is {sys.version.split()[0]}.")
+    py = _venv_python()
+    if not py.exists():
+        _say(f"creating the virtual environment {VENV}")
+        try:
+            venv.create(VENV, with_pip=True)
+        except Exception as exc:  # noqa: BLE001 - any failure here has the same remedy
+            sys.exit(
+                f"Could not create a virtual environment in {VENV}: {exc}\n"
+                "On Debian/Ubuntu install the venv module first: "
+                f"sudo apt install python3.{sys.version_info[1]}-venv"
+            )
+    if STAMP.exists() and STAMP.read_text() == _wanted_stamp():
+        _say(f"reusing {VENV} (delete it to reinstall from scratch)")
+        return py
+    _say(f"installing tlcourse[{EXTRAS}] and its dependencies into {VENV} (first time: a few minutes)")
+    start = time.monotonic()
+    cmd = [str(py), "-m", "pip", "install", "--disable-pip-version-check", "-e", f".[{EXTRAS}]"]
+    if subprocess.call(cmd, cwd=ROOT) != 0:
+        sys.exit("pip install failed; the messages above say which package. Nothing was changed outside .venv.")
+    STAMP.write_text(_wanted_stamp())
+    _say(f"installed in {time.monotonic() - start:.0f} s")
+    return py
+
+
+def _default_data_dir() -> None:
+    """During development and CI the dataset mirror lies beside the repository (../shared/data)."""
+    mirror = ROOT.parent / "shared" / "data"
+    if "TLCOURSE_DATA" not in os.environ and mirror.is_dir():
+        os.environ["TLCOURSE_DATA"] = str(mirror)
+        _say(f"using the dataset mirror {mirror} (TLCOURSE_DATA)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in {"lab", "test", "setup"}:
+        print(__doc__)
+        return 2
+    command, rest = argv[0], argv[1:]
+    py = ensure_environment()
+    bindir = py.parent
+    if command == "setup":
+        return 0
+    if command == "lab":
+        return subprocess.call([str(bindir / "jupyter"), "lab", LANDING, *rest], cwd=ROOT)
+    _default_data_dir()
+    start = time.monotonic()
+    code = subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)
+    _say(f"tests finished in {time.monotonic() - start:.0f} s with exit code {code}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Plots the chapters share: learning curves, image grids with labels, top-k bars."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def plot_history(history: Mapping[str, Sequence[float]], title: str | None = None, axes=None):
+    """Loss and accuracy per epoch, train vs validation, side by side. Returns the figure."""
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    else:
+        fig = axes[0].figure
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for split, style in (("train", "-"), ("val", "--")):
+            values = history.get(f"{split}_{metric}")
+            if values:
+                ax.plot(range(1, len(values) + 1), values, style, marker="o", ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if metric == "acc" else "loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    best = getattr(history, "best_epoch", None)
+    if best is not None and history.get("val_acc"):
+        axes[1].axvline(best + 1, color="grey", lw=0.8, ls=":")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def to_image(x, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> np.ndarray:
+    """A displayable ``[H, W, 3]`` array in [0, 1] from a normalised tensor ``[3, H, W]``,
+    a ``[H, W]`` grey tensor/array, or a PIL image."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu()
+        if x.ndim == 3 and x.shape[0] in (1, 3):
+            x = x * torch.tensor(std[: x.shape[0]]).view(-1, 1, 1) + torch.tensor(mean[: x.shape[0]]).view(-1, 1, 1)
+            x = x.permute(1, 2, 0)
+        x = x.numpy()
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        x = x / 255.0
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[..., 0]
+    return np.clip(x, 0, 1)
+
+
+def show_images(images, titles: Sequence[str] | None = None, ncols: int = 4, size: float = 2.4,
+                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), colors: Sequence[str] | None = None):
+    """A grid of images with optional titles (e.g. predicted labels; ``colors`` marks right/wrong)."""
+    images = list(images)
+    ncols = min(ncols, len(images))
+    nrows = math.ceil(len(images) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(images):
+            continue
+        img = to_image(images[i], mean, std)
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=9, color=None if colors is None else colors[i])
+    fig.tight_layout()
+    return fig
+
+
+def show_predictions(images, predicted: Sequence[str], actual: Sequence[str] | None = None, **kwargs):
+    """Image grid titled with predicted labels; green when right, red when wrong."""
+    if actual is None:
+        return show_images(images, list(predicted), **kwargs)
+    titles = [f"{p}\n(true: {a})" if p != a else p for p, a in zip(predicted, actual)]
+    colors = ["tab:green" if p == a else "tab:red" for p, a in zip(predicted, actual)]
+    return show_images(images, titles, colors=colors, **kwargs)
+
+
+def plot_topk(predictions: Sequence[tuple[str, float]], ax=None, title: str | None = None):
+    """Horizontal bars of one image's top-k ``(class, probability)`` pairs."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 2))
+    names = [name.split(",")[0] for name, _ in predictions][::-1]
+    probs = [p for _, p in predictions][::-1]
+    ax.barh(names, probs, color="tab:blue")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
