@@ -21,7 +21,7 @@ def run(*args, env=None, timeout=300):
                           env=full_env, timeout=timeout, cwd=ROOT)
 
 
-@pytest.mark.parametrize("command", ["env", "data", "predict", "run", "results"])
+@pytest.mark.parametrize("command", ["env", "data", "predict", "run", "results", "grade", "exercises"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])

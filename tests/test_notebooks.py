@@ -9,13 +9,15 @@ from tlcourse import notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((ROOT / "notebooks").rglob("[0-9][0-9]_*.ipynb"))
+SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+EXERCISES = sorted((ROOT / "exercises").glob("[0-9][0-9]_*.ipynb"))
 
 
 def test_there_are_chapter_notebooks():
     assert any(p.name.startswith("00_") for p in CHAPTERS)
 
 
-@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CHAPTERS + SOLUTIONS + EXERCISES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_badge_and_setup_cell_come_from_one_place(path):
     nb = json.loads(path.read_text())
     cells = nb["cells"]
@@ -25,7 +27,7 @@ def test_badge_and_setup_cell_come_from_one_place(path):
     assert "".join(first_code["source"]) == notebooks.SETUP_CELL
 
 
-@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CHAPTERS + SOLUTIONS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_committed_with_outputs_and_modest_size(path):
     nb = json.loads(path.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]

@@ -178,12 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="update README.md")
     p.set_defaults(func=_cmd_results)
 
-    try:
-        from tlcourse.grading.commands import add_commands
-    except ImportError:  # grading arrives in its own module; the rest of the CLI works without it
-        pass
-    else:
-        add_commands(sub)
+    from tlcourse.grading.commands import add_commands  # grade, exercises
+
+    add_commands(sub)
     return parser
 
 

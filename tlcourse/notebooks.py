@@ -80,7 +80,7 @@ def run_notebook(
     old_profile = os.environ.get("TLCOURSE_PROFILE")
     if profile:
         os.environ["TLCOURSE_PROFILE"] = profile  # the kernel inherits our environment
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False, resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     result = RunResult(path, ok=True, seconds=0.0)
     try:
@@ -96,7 +96,10 @@ def run_notebook(
             else:
                 os.environ["TLCOURSE_PROFILE"] = old_profile
     result.seconds = time.perf_counter() - start
-    result.executed = out_dir / path.name
+    # Keep the repository's folders (notebooks/, solutions/) so same-named files don't collide.
+    relative = path.relative_to(ROOT) if path.is_relative_to(ROOT) else Path(path.name)
+    result.executed = out_dir / relative
+    result.executed.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, result.executed)
     if html:
         result.html = result.executed.with_suffix(".html")

@@ -1,0 +1,348 @@
+"""Grading you can trust: solutions score full marks, stubs score zero, and crafted bad
+submissions (hangs, crashes, forgeries, monkeypatches, corrupt files) cost only themselves.
+
+Crafted submissions are built here from the solution notebook, in a temporary folder
+(not as files under tests/, where nbval would try to run them as notebooks).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from tlcourse.grading import exercises, extract, grader
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLUTION = ROOT / "solutions" / "00_setup_and_first_look.ipynb"
+EXERCISE = ROOT / "exercises" / "00_setup_and_first_look.ipynb"
+TIMEOUT = 3.0  # per question: the hang cases cost ~3-5 s each, not the default 10
+
+
+def _solution() -> dict:
+    return json.loads(SOLUTION.read_text(encoding="utf-8"))
+
+
+def _with_answer(qid: str, source: str, nb: dict | None = None) -> dict:
+    """The solution notebook with question ``qid``'s answer cell replaced by ``source``."""
+    nb = copy.deepcopy(nb or _solution())
+    cell = next(c for c in nb["cells"] if extract.question_of(c) == qid)
+    cell["source"] = source
+    return nb
+
+
+WRONG_NORMALIZE = "def normalize(images, mean=(0.5,)*3, std=(0.5,)*3):\n    return images\n"
+
+CASES = {
+    # name: (notebook dict or raw text, {question: expected score}, text expected in a message)
+    "loop_in_function": (lambda: _with_answer("q1", "def topk_predictions(logits, k=5):\n    while True:\n        pass\n"),
+                         {"q1": 0, "q2": 3, "q3": 3, "q4": 4}, "took too long"),
+    "loop_swallowing_timeout": (lambda: _with_answer("q2", (
+        "def count_parameters(model, trainable_only=False):\n    while True:\n        try:\n"
+        "            while True: pass\n        except BaseException:\n            pass\n")),
+        {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "took too long"),
+    "loop_at_top_level": (lambda: _with_answer("q3", "while True:\n    pass\n"),
+                          {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "took too long"),
+    "raises": (lambda: _with_answer("q1", "def topk_predictions(logits, k=5):\n    x = logits.softmax(dim=1)\n"
+                                    "    return x.topk(k, dim=7)\n"),
+               {"q1": 0, "q2": 3, "q3": 3, "q4": 4}, "line 3: `return x.topk(k, dim=7)`"),
+    "syntax_error": (lambda: _with_answer("q3", "def normalize(images, mean, std)\n    return images\n"),
+                     {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "syntax error"),
+    "missing_function": (lambda: _with_answer("q4", "def freeze_all(module):\n    return 0\n"),
+                         {"q1": 3, "q2": 3, "q3": 3, "q4": 0}, "`freeze` is not defined"),
+    "deleted_cell": (lambda: {**_solution(), "cells": [c for c in _solution()["cells"]
+                                                        if extract.question_of(c) != "q2"]},
+                     {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "no answer found for q2"),
+    "metadata_stripped": (lambda: {**_solution(), "cells": [{**c, "metadata": {}} for c in _solution()["cells"]]},
+                          {"q1": 3, "q2": 3, "q3": 3, "q4": 4}, None),
+    "partial_credit": (lambda: _with_answer("q4", "def freeze(module):\n    ps = list(module.parameters())\n"
+                                            "    for p in ps:\n        p.requires_grad_(False)\n    return len(ps)\n"),
+                       {"q1": 3, "q2": 3, "q3": 3, "q4": 1}, "number of parameter tensors"),
+    "sys_exit_top_level": (lambda: _with_answer("q1", "import sys\ndef topk_predictions(logits, k=5):\n"
+                                                "    return 1\nsys.exit(0)\n"),
+                           {"q1": 0, "q2": 3, "q3": 3, "q4": 4}, None),
+    "sys_exit_in_function": (lambda: _with_answer("q2", "import sys\ndef count_parameters(m, trainable_only=False):\n"
+                                                  "    sys.exit(0)\n"),
+                             {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "sys.exit"),
+    "os_exit_in_function": (lambda: _with_answer("q2", "import os\ndef count_parameters(m, trainable_only=False):\n"
+                                                 "    os._exit(0)\n"),
+                            {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "os._exit"),
+    "huge_prints": (lambda: _with_answer("q1", _answer("q1").replace(
+        "    # BEGIN SOLUTION", "    print('x' * 5_000_000)\n    # BEGIN SOLUTION")),
+        {"q1": 3, "q2": 3, "q3": 3, "q4": 4}, None),
+    "fake_printed_results": (lambda: _with_answer("q3", WRONG_NORMALIZE + (
+        "import json\nprint(json.dumps({'score': 100, 'tests': [{'name': 'q3', 'score': 100, 'max_score': 3}]}))\n"
+        "print('{\"kind\": \"test\", \"name\": \"test_q3_lite0_range\", \"passed\": true}')\n")),
+        {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, None),
+    "writes_result_channel": (lambda: _with_answer("q3", WRONG_NORMALIZE + (
+        "import os\nfor fd in range(3, 64):\n    for name in ['test_q3_lite0_range', 'test_q3_per_channel', 'test_q3_not_in_place']:\n"
+        "        try: os.write(fd, ('{\"kind\": \"test\", \"name\": \"%s\", \"passed\": true}\\n' % name).encode())\n"
+        "        except OSError: pass\n")),
+        {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "changed the grading environment"),
+    "patches_torch": (lambda: _with_answer("q3", WRONG_NORMALIZE + "import torch\ntorch.allclose = lambda *a, **k: True\n"
+                                           "torch.equal = lambda *a, **k: True\n"),
+                      {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "torch.allclose"),
+    "patches_builtins": (lambda: _with_answer("q2", "import builtins\nbuiltins.type = lambda x: int\n"
+                                              "def count_parameters(m, trainable_only=False):\n    return 0\n"),
+                         {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "builtins.type"),
+    "patches_checks_module": (lambda: _with_answer("q3", WRONG_NORMALIZE + (
+        "import tlcourse.grading.checks.ch00 as c, tlcourse.grading.spec as s\n"
+        "for n in dir(c):\n    if n.startswith('test_'): setattr(c, n, lambda *a: None)\n"
+        "s.expect_close = lambda *a, **k: None\n")),
+        {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "tlcourse.grading.spec.expect_close"),
+    "patches_in_function": (lambda: _with_answer("q4", (
+        "import torch\ndef freeze(module):\n    torch.nn.Parameter.requires_grad = False\n    return 34\n")),
+        {"q1": 3, "q2": 3, "q3": 3, "q4": 0}, "changed the grading environment"),
+    "rigged_tensor": (lambda: _with_answer("q3", (
+        "import torch\nclass Rigged(torch.Tensor):\n    @classmethod\n"
+        "    def __torch_function__(cls, func, types, args=(), kwargs=None):\n        return True\n"
+        "def normalize(images, mean=None, std=None):\n    return images.as_subclass(Rigged)\n")),
+        {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, "should be a torch.Tensor"),
+    "corrupt_file": ('{"cells": [{"cell_type": "code", "source": "def topk_pre', {"q1": 0, "q2": 0, "q3": 0, "q4": 0},
+                     "not valid JSON"),
+    "not_a_notebook": ('{"hello": "world"}', {"q1": 0, "q2": 0, "q3": 0, "q4": 0}, "not a Jupyter notebook"),
+    "binary_file": (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", {"q1": 0, "q2": 0, "q3": 0, "q4": 0}, "not text"),
+}
+
+
+def _answer(qid: str) -> str:
+    cell = next(c for c in _solution()["cells"] if extract.question_of(c) == qid)
+    return extract.cell_source(cell)
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Grade every crafted case in one run (two sandboxes), as a teacher grades a class."""
+    folder = tmp_path_factory.mktemp("submissions")
+    paths = {}
+    for name, (make, _, _) in CASES.items():
+        path = folder / f"00_{name}.ipynb"
+        content = make() if callable(make) else make
+        if isinstance(content, dict):
+            path.write_text(json.dumps(content), encoding="utf-8")
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+        paths[name] = path
+    started = time.monotonic()
+    subs = grader.grade(list(paths.values()), timeout=TIMEOUT, jobs=2)
+    print(f"\n{len(subs)} crafted submissions graded in {time.monotonic() - started:.1f} s")
+    print(grader.table(subs))
+    return {name: sub for name, sub in zip(paths, subs)}
+
+
+def _scores(sub) -> dict:
+    return {q.id: q.score for q in sub.questions}
+
+
+def test_solutions_get_full_marks():
+    [sub] = grader.grade([SOLUTION], timeout=TIMEOUT)
+    assert sub.max_score >= 10 and sub.score == sub.max_score, grader.details(sub)
+    assert not sub.review and not sub.error
+
+
+def test_exercises_get_zero_with_kind_messages():
+    [sub] = grader.grade([EXERCISE], timeout=TIMEOUT)
+    assert sub.score == 0 and sub.max_score > 0
+    for q in sub.questions:
+        for t in q.tests:
+            assert t.message.startswith("not answered yet"), t.message
+            assert "Traceback" not in t.message and "NotImplementedError" in t.message
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_submission_costs_only_itself(graded, case):
+    sub = graded[case]
+    _, expected, text = CASES[case]
+    assert _scores(sub) == pytest.approx(expected) if sub.questions else expected == {}, grader.details(sub)
+    if text:
+        messages = " ".join([sub.error or ""] + [t.message for q in sub.questions for t in q.tests] + sub.review)
+        assert text in messages, grader.details(sub)
+
+
+def test_tampering_is_flagged_for_review(graded):
+    for case in ("patches_torch", "patches_builtins", "patches_checks_module", "writes_result_channel",
+                 "patches_in_function"):
+        assert any("grading environment" in r for r in graded[case].review), case
+    assert any("imports `os`" in r for r in graded["os_exit_in_function"].review)
+    assert not graded["partial_credit"].review and not graded["huge_prints"].review
+
+
+def test_huge_prints_are_truncated(graded):
+    q1 = graded["huge_prints"].questions[0]
+    assert len(q1.output) < 2000 and "more bytes not shown" in q1.output
+    out = grader.gradescope(graded["huge_prints"])
+    assert len(json.dumps(out)) < 20_000
+
+
+def test_metadata_stripped_is_found_by_function_name(graded):
+    assert any("found by its function name" in n for n in graded["metadata_stripped"].notes)
+
+
+GRADESCOPE_SCHEMA = {
+    "type": "object",
+    "required": ["score", "tests"],
+    "properties": {
+        "score": {"type": "number", "minimum": 0},
+        "execution_time": {"type": "number", "minimum": 0},
+        "output": {"type": "string"},
+        "visibility": {"enum": ["visible", "hidden", "after_due_date", "after_published"]},
+        "stdout_visibility": {"enum": ["visible", "hidden", "after_due_date", "after_published"]},
+        "tests": {"type": "array", "items": {
+            "type": "object",
+            "required": ["name", "score", "max_score", "visibility", "output"],
+            "properties": {
+                "name": {"type": "string", "minLength": 1},
+                "score": {"type": "number", "minimum": 0},
+                "max_score": {"type": "number", "minimum": 0},
+                "status": {"enum": ["passed", "failed"]},
+                "visibility": {"enum": ["visible", "hidden", "after_due_date", "after_published"]},
+                "output": {"type": "string"},
+            },
+        }},
+    },
+}
+
+
+def test_results_json_follows_gradescope_schema(graded, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    for name, sub in graded.items():
+        path = tmp_path / f"{name}.json"
+        grader.write_json([sub], path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        jsonschema.validate(data, GRADESCOPE_SCHEMA)
+        visible = [t for t in data["tests"] if t["visibility"] == "visible"]
+        assert data["score"] == pytest.approx(sum(t["score"] for t in visible)), name
+        assert all(t["score"] <= t["max_score"] for t in data["tests"])
+    many = tmp_path / "class.json"
+    grader.write_json(list(graded.values()), many)
+    for entry in json.loads(many.read_text())["submissions"]:
+        jsonschema.validate(entry, GRADESCOPE_SCHEMA)
+
+
+def test_csv_has_one_row_per_submission(graded, tmp_path):
+    import csv
+
+    path = tmp_path / "grades.csv"
+    grader.write_csv(list(graded.values()), path)
+    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    assert len(rows) == len(graded)
+    assert {"file", "score", "max_score", "q1", "q4", "error", "review"} <= set(rows[0])
+
+
+def test_class_of_twenty_grades_in_seconds(tmp_path):
+    """20 submissions (full, empty, partial, one endless loop) on this machine's cores."""
+    makers = [_solution, lambda: json.loads(EXERCISE.read_text()), CASES["partial_credit"][0],
+              CASES["raises"][0]]
+    paths = []
+    for i in range(20):
+        path = tmp_path / f"00_student{i:02d}.ipynb"
+        path.write_text(json.dumps(makers[i % len(makers)]()), encoding="utf-8")
+        paths.append(path)
+    started = time.monotonic()
+    subs = grader.grade(paths, timeout=TIMEOUT)
+    seconds = time.monotonic() - started
+    print(f"\n20 submissions graded in {seconds:.1f} s")
+    assert [s.score for s in subs[:4]] == [13, 0, 10, 10]
+    assert seconds < 60
+
+
+def test_tests_folder_for_hidden_tests(tmp_path):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "ch00.py").write_text(
+        "from tlcourse.grading.checks.ch00 import QUESTIONS, test_q1_shapes\n"
+        "from tlcourse.grading.spec import points\n"
+        "import torch\n\n"
+        "@points(5, visibility='after_due_date')\n"
+        "def test_q1_k_equals_classes(topk_predictions):\n"
+        "    \"\"\"works when k is the number of classes\"\"\"\n"
+        "    p, i = topk_predictions(torch.zeros(2, 4) + torch.arange(4.), 4)\n"
+        "    assert torch.equal(i[0], torch.tensor([3, 2, 1, 0]))\n", encoding="utf-8")
+    [sub] = grader.grade([SOLUTION], tests_dir=hidden, timeout=TIMEOUT)
+    assert sub.score == sub.max_score == 6
+    assert grader.gradescope(sub)["tests"][1]["visibility"] == "after_due_date"
+    with pytest.raises(grader.GradingError):
+        grader.grade([SOLUTION], tests_dir=tmp_path / "nowhere")
+
+
+def test_exercises_are_up_to_date():
+    problems = exercises.stale(ROOT / "solutions", ROOT / "exercises")
+    assert not problems, "run `tlcourse exercises build`:\n" + "\n".join(problems)
+
+
+def test_exercise_build_is_deterministic_and_strips_solutions():
+    nb = _solution()
+    once = exercises.render(exercises.exercise_notebook(nb))
+    assert once == exercises.render(exercises.exercise_notebook(json.loads(once)))  # idempotent too
+    ex = json.loads(once)
+    text = json.dumps(ex)
+    assert "BEGIN SOLUTION" not in text and "softmax(dim=1)" not in text
+    assert all(not c.get("outputs") for c in ex["cells"] if c["cell_type"] == "code")
+    assert not any("solution-only" in c["metadata"].get("tags", []) for c in ex["cells"])
+    questions = [extract.question_of(c) for c in ex["cells"] if extract.question_of(c)]
+    assert questions == ["q1", "q2", "q3", "q4"]
+    assert 'def topk_predictions(logits, k=5):' in text  # the signature stays
+
+
+def test_unbalanced_markers_are_reported():
+    with pytest.raises(exercises.MarkerError, match="never closed"):
+        exercises.stub_source("def f():\n    # BEGIN SOLUTION\n    return 1\n", "q1")
+    assert exercises.stub_source("def f():\n    # BEGIN SOLUTION\n    return 1\n    # END SOLUTION\n", "q1") == (
+        'def f():\n    raise NotImplementedError("q1: replace this line with your code")')
+
+
+def test_check_in_notebook_passes_waits_and_fails_kindly():
+    from tlcourse.grading import CheckFailed, checker
+
+    check = checker("00")
+    ns: dict = {}
+    exec(compile(_answer("q2"), "<cell>", "exec"), ns)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        check("q2", namespace=ns)
+    assert buf.getvalue().startswith("✅ q2")
+    stub: dict = {}
+    exec(exercises.stub_source(_answer("q2"), "q2"), stub)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        check("q2", namespace=stub)  # not started yet: a note, not an error
+    assert "not answered yet" in buf.getvalue()
+    wrong: dict = {}
+    exec("def count_parameters(model, trainable_only=False):\n    return len(list(model.parameters()))\n", wrong)
+    with pytest.raises(CheckFailed) as err:
+        check("q2", namespace=wrong)
+    lines = err.value._render_traceback_()
+    assert lines[0].startswith("❌ q2") and "numel" in "\n".join(lines) and len(lines) <= 4
+
+
+def test_exercise_notebook_runs_through_without_errors():
+    """'Run all' on a fresh exercise notebook reaches the end: unanswered checks only say so."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(EXERCISE, as_version=4)
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outputs = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert sum("not answered yet" in o for o in outputs) == 4
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    from tlcourse.grading.commands import main
+
+    assert main(["exercises", "check", "--solutions", str(ROOT / "solutions"),
+                 "--exercises", str(ROOT / "exercises")]) == 0
+    assert main(["exercises", "check", "--solutions", str(ROOT / "solutions"),
+                 "--exercises", str(tmp_path)]) == 1
+    assert main(["exercises", "build", "--solutions", str(ROOT / "solutions"),
+                 "--exercises", str(tmp_path)]) == 0
+    assert (tmp_path / EXERCISE.name).read_bytes() == EXERCISE.read_bytes()
+    out = tmp_path / "r.json"
+    assert main(["grade", str(SOLUTION), "--json", str(out), "--timeout", "5"]) == 0
+    assert json.loads(out.read_text())["score"] == 13
+    assert "13/13" in capsys.readouterr().out

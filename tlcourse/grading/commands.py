@@ -1,0 +1,129 @@
+"""The ``tlcourse grade`` and ``tlcourse exercises`` commands.
+
+``tlcourse/cli.py`` calls :func:`add_commands`; ``python -m tlcourse.grading.commands``
+runs them on their own. Handlers return an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+GRADE_HELP = """\
+Grade submitted notebooks. Each question's answer cell runs in its own sandbox process
+with a timeout; tests come from the package's public checks, or from --tests DIR
+(hidden tests: modules ch00.py, ch01.py, ... in the same format). One bad submission
+(corrupt file, endless loop, crash) costs only its own questions.
+
+examples:
+  tlcourse grade submissions/*.ipynb --csv grades.csv
+  tlcourse grade submission.ipynb --tests ~/hidden-tests --json /autograder/results/results.json
+"""
+
+EXERCISES_HELP = """\
+Generate exercises/NN_*.ipynb from solutions/NN_*.ipynb: code between
+# BEGIN SOLUTION / # END SOLUTION becomes `raise NotImplementedError`, outputs are
+cleared, cells tagged solution-only are dropped. `check` exits 1 when exercises/ is stale.
+"""
+
+
+def add_commands(subparsers) -> None:
+    """Add ``grade`` and ``exercises`` to an argparse subparsers object."""
+    from tlcourse.grading import grader
+
+    g = subparsers.add_parser("grade", help="grade submitted notebooks (table, JSON, CSV)",
+                              description=GRADE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="submitted .ipynb files (or folders of them)")
+    g.add_argument("--tests", metavar="DIR", help="folder of checks modules (chNN.py); default: the public checks")
+    g.add_argument("--chapter", metavar="NN", help="chapter whose checks apply (default: notebook metadata, "
+                   "else the NN_ prefix of the file name)")
+    g.add_argument("--json", metavar="FILE", help="write results: Gradescope's results.json for one notebook, "
+                   '{"submissions": [...]} for several')
+    g.add_argument("--csv", metavar="FILE", help="write one row per submission")
+    g.add_argument("--timeout", type=float, default=grader.DEFAULT_TIMEOUT, metavar="S",
+                   help=f"seconds per question (default {grader.DEFAULT_TIMEOUT:g})")
+    g.add_argument("--total-timeout", type=float, default=grader.DEFAULT_TOTAL_TIMEOUT, metavar="S",
+                   help=f"seconds per notebook, all questions (default {grader.DEFAULT_TOTAL_TIMEOUT:g})")
+    g.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                   help="notebooks graded in parallel (default: up to 4, one per core)")
+    g.add_argument("--details", action=argparse.BooleanOptionalAction, default=None,
+                   help="print per-test feedback (default: on for up to 5 notebooks)")
+    g.set_defaults(func=grade_command)
+
+    e = subparsers.add_parser("exercises", help="generate exercises/ from solutions/",
+                              description=EXERCISES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("action", choices=["build", "check"], help="build: write exercises/; check: fail if stale")
+    e.add_argument("--solutions", default="solutions", metavar="DIR", help="default: %(default)s (in the current folder)")
+    e.add_argument("--exercises", default="exercises", metavar="DIR", help="default: %(default)s (in the current folder)")
+    e.set_defaults(func=exercises_command)
+
+
+def grade_command(args) -> int:
+    from tlcourse.grading import grader
+
+    paths = []
+    for item in args.notebooks:
+        p = Path(item)
+        paths.extend(sorted(p.glob("*.ipynb")) if p.is_dir() else [p])
+    if not paths:
+        print("tlcourse grade: no notebooks to grade", file=sys.stderr)
+        return 2
+    done = [0]
+
+    def progress(sub):
+        done[0] += 1
+        if len(paths) > 5:
+            print(f"  graded {done[0]}/{len(paths)}: {sub.name}", file=sys.stderr, flush=True)
+
+    try:
+        subs = grader.grade(paths, tests_dir=args.tests, chapter=args.chapter, timeout=args.timeout,
+                            total_timeout=args.total_timeout, jobs=args.jobs, progress=progress)
+    except grader.GradingError as exc:
+        print(f"tlcourse grade: {exc}", file=sys.stderr)
+        return 2
+    show = args.details if args.details is not None else len(subs) <= 5
+    if show:
+        for sub in subs:
+            print(grader.details(sub))
+            print()
+    print(grader.table(subs))
+    if args.json:
+        grader.write_json(subs, args.json)
+        print(f"wrote {args.json}")
+    if args.csv:
+        grader.write_csv(subs, args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def exercises_command(args) -> int:
+    from tlcourse.grading import exercises
+
+    sol, ex = Path(args.solutions), Path(args.exercises)
+    try:
+        if args.action == "build":
+            changed = exercises.build(sol, ex)
+            print(f"exercises: {len(changed)} notebook(s) written" + "".join(f"\n  {p}" for p in changed))
+            return 0
+        problems = exercises.stale(sol, ex)
+    except exercises.MarkerError as exc:
+        print(f"tlcourse exercises: {exc}", file=sys.stderr)
+        return 2
+    if problems:
+        print("exercises/ is out of date; run `tlcourse exercises build`:\n  " + "\n  ".join(problems))
+        return 1
+    print("exercises/ is up to date")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tlcourse")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""``tlcourse grade``: score submitted notebooks with per-question sandboxes.
+
+Flow for each notebook: read it (a corrupt file costs that file only), find its chapter
+(``--chapter``, notebook metadata, or the ``NN_`` file-name prefix), build one program per
+question (:mod:`tlcourse.grading.extract`), run each in the sandbox
+(:mod:`tlcourse.grading.sandbox`) under a per-question timeout and a per-notebook budget,
+and add up the points of the tests that passed. Several sandboxes grade a class in
+parallel. This process itself never runs learner code and never imports torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import queue
+import selectors
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlcourse.grading import extract
+
+DEFAULT_TIMEOUT = 10.0       # seconds per question; exercises are small units, not training runs
+DEFAULT_TOTAL_TIMEOUT = 120.0  # seconds per notebook, all questions together
+DEFAULT_MAX_OUTPUT = 1000    # characters of a question's printed output shown as feedback
+DEFAULT_MEMORY_MB = 4096     # address space a question's process may add
+PACKAGE_CHECKS = Path(__file__).resolve().parent / "checks"
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+         "from tlcourse.grading.sandbox import main; main()")
+
+
+@dataclass
+class TestResult:
+    name: str
+    doc: str
+    points: float
+    visibility: str
+    passed: bool
+    message: str
+
+    @property
+    def score(self) -> float:
+        return self.points if self.passed else 0.0
+
+
+@dataclass
+class QuestionResult:
+    id: str
+    title: str
+    tests: list[TestResult]
+    output: str = ""
+    seconds: float = 0.0
+
+    @property
+    def score(self) -> float:
+        return sum(t.score for t in self.tests)
+
+    @property
+    def max_score(self) -> float:
+        return sum(t.points for t in self.tests)
+
+
+@dataclass
+class Submission:
+    path: str
+    chapter: str | None = None
+    questions: list[QuestionResult] = field(default_factory=list)
+    error: str | None = None            # the whole notebook could not be graded (why)
+    notes: list[str] = field(default_factory=list)
+    review: list[str] = field(default_factory=list)  # for the teacher: audit and tamper flags
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    @property
+    def score(self) -> float:
+        return sum(q.score for q in self.questions)
+
+    @property
+    def max_score(self) -> float:
+        return sum(q.max_score for q in self.questions)
+
+
+@dataclass
+class Suite:
+    """One chapter's tests: source read once at start, so a submission that rewrites the
+    file on disk changes nothing in this run (and :meth:`changed_on_disk` tells)."""
+
+    chapter: str
+    path: Path
+    source: str
+    spec: dict | None = None
+
+    @classmethod
+    def read(cls, chapter: str, path: Path) -> "Suite":
+        return cls(chapter, path, path.read_text(encoding="utf-8"))
+
+    def changed_on_disk(self) -> bool:
+        try:
+            return self.path.read_text(encoding="utf-8") != self.source
+        except OSError:
+            return True
+
+
+class GradingError(Exception):
+    """A problem with the grading set-up itself (not with a submission)."""
+
+
+class Sandbox:
+    """A zygote process (``tlcourse.grading.sandbox``) and a line-based channel to it."""
+
+    def __init__(self, start_timeout: float = 180.0):
+        self.start_timeout = start_timeout
+        self.proc = None
+        self._buf = b""
+        self._n = 0
+        self.start()
+
+    def start(self) -> None:
+        root = str(Path(__file__).resolve().parents[2])
+        self._log = tempfile.TemporaryFile()
+        # -I: no PYTHONPATH, no user site, no current directory on sys.path.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _BOOT, root], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self._log, start_new_session=True,
+        )
+        self._buf = b""
+        ready = self._readline(time.monotonic() + self.start_timeout)
+        if not ready or not json.loads(ready).get("ready"):
+            self._log.seek(0)
+            tail = self._log.read()[-2000:].decode("utf-8", "replace")
+            self.close()
+            raise GradingError(f"the grading sandbox did not start:\n{tail}")
+
+    def request(self, job: dict, timeout: float) -> dict | None:
+        """Send ``job``; its reply, or None when the zygote itself failed (then restarted)."""
+        self._n += 1
+        job = dict(job, id=self._n)
+        try:
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
+            self.proc.stdin.flush()
+            deadline = time.monotonic() + timeout
+            while True:
+                line = self._readline(deadline)
+                if line is None:
+                    raise TimeoutError
+                reply = json.loads(line)
+                if reply.get("id") == self._n:
+                    return reply
+        except (OSError, ValueError, TimeoutError):
+            self.close()
+            self.start()
+            return None
+
+    def _readline(self, deadline: float) -> bytes | None:
+        fd = self.proc.stdout.fileno()
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(timeout=left):
+                    return None
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    return None
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 9)
+            except OSError:
+                self.proc.kill()
+        if self.proc:
+            self.proc.wait()
+            for stream in (self.proc.stdin, self.proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
+def find_suites(tests_dir: str | Path | None) -> dict[str, Path]:
+    """chapter -> checks file, from ``--tests DIR`` or the package's public checks."""
+    folder = Path(tests_dir) if tests_dir else PACKAGE_CHECKS
+    if not folder.is_dir():
+        raise GradingError(f"tests folder {folder} does not exist")
+    found = {p.stem[2:]: p for p in sorted(folder.glob("ch*.py")) if p.stem[2:].isdigit()}
+    if not found:
+        raise GradingError(f"no checks modules (ch00.py, ch01.py, ...) in {folder}")
+    return found
+
+
+def grade(paths, tests_dir=None, chapter=None, timeout=DEFAULT_TIMEOUT,
+          total_timeout=DEFAULT_TOTAL_TIMEOUT, jobs=None, max_output=DEFAULT_MAX_OUTPUT,
+          memory_mb=DEFAULT_MEMORY_MB, progress=None) -> list[Submission]:
+    """Grade every notebook in ``paths``; never raises for a bad submission."""
+    if not hasattr(os, "fork"):
+        raise GradingError("tlcourse grade needs a POSIX system (Linux, macOS, WSL)")
+    available = find_suites(tests_dir)
+    suites: dict[str, Suite] = {}
+    paths = [str(p) for p in paths]
+    jobs = max(1, min(jobs or min(4, os.cpu_count() or 1), len(paths) or 1))
+    todo: "queue.Queue[tuple[int, str]]" = queue.Queue()
+    for item in enumerate(paths):
+        todo.put(item)
+    results: list[Submission | None] = [None] * len(paths)
+    lock = threading.Lock()
+    opts = dict(timeout=float(timeout), total_timeout=float(total_timeout),
+                max_output=int(max_output), memory_mb=int(memory_mb))
+
+    def suite_for(ch: str, sandbox: Sandbox) -> Suite:
+        with lock:
+            if ch not in suites:
+                suites[ch] = Suite.read(ch, available[ch])
+            suite = suites[ch]
+        if suite.spec is None:
+            reply = sandbox.request({"kind": "describe", "tests_source": suite.source,
+                                     "tests_file": str(suite.path)}, timeout=120)
+            if not reply or "fatal" in reply:
+                raise GradingError(f"the tests in {suite.path} could not be loaded: "
+                                   f"{(reply or {}).get('fatal', 'sandbox failure')}")
+            suite.spec = reply
+        return suite
+
+    errors: list[BaseException] = []
+
+    def worker():
+        try:
+            sandbox = Sandbox()
+        except GradingError as exc:
+            errors.append(exc)
+            return
+        try:
+            while True:
+                try:
+                    index, path = todo.get_nowait()
+                except queue.Empty:
+                    return
+                results[index] = _grade_one(path, chapter, available, suite_for, sandbox, opts)
+                if progress:
+                    progress(results[index])
+        except GradingError as exc:
+            errors.append(exc)
+        finally:
+            sandbox.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors and any(r is None for r in results):
+        raise errors[0]
+    for suite in suites.values():
+        if suite.changed_on_disk():
+            for sub in results:
+                if sub and sub.chapter == suite.chapter:
+                    sub.review.append(f"the tests file {suite.path} changed on disk during grading")
+    return results  # type: ignore[return-value]
+
+
+def _grade_one(path, chapter_override, available, suite_for, sandbox, opts) -> Submission:
+    started = time.monotonic()
+    sub = Submission(path)
+    nb = None
+    try:
+        nb = extract.load_notebook(path)
+    except extract.NotebookError as exc:
+        sub.error = f"could not read {sub.name}: {exc}"
+    ch = extract.chapter_of(nb or {}, path, chapter_override)
+    if ch is None and len(available) == 1:
+        ch = next(iter(available))
+    if ch is None or ch not in available:
+        sub.error = sub.error or (
+            f"cannot tell which chapter {sub.name} belongs to" if ch is None
+            else f"no checks for chapter {ch} (have {', '.join(sorted(available))})")
+        sub.error += "; pass --chapter NN"
+        sub.seconds = time.monotonic() - started
+        return sub
+    sub.chapter = ch
+    suite = suite_for(ch, sandbox)
+    spec = suite.spec
+    budget_end = started + opts["total_timeout"]
+    if nb is not None:
+        try:
+            sub.review.extend(extract.audit(nb))
+        except Exception as exc:  # noqa: BLE001 - an audit must never stop grading
+            sub.review.append(f"audit failed: {exc}")
+    for qid, qspec in spec["questions"].items():
+        tests = [t for t in spec["tests"] if t["question"] == qid]
+        q = QuestionResult(qid, qspec["title"], [])
+        if sub.error:
+            q.tests = [_failed(t, sub.error) for t in tests]
+            sub.questions.append(q)
+            continue
+        prog = extract.build_program(nb, qid, qspec)
+        sub.notes.extend(prog.notes)
+        left = budget_end - time.monotonic()
+        if not prog.answer_found:
+            names = " or ".join(f"`{f}`" for f in qspec["functions"]) or "its function"
+            msg = (f"no answer found for {qid}: no code cell is marked as question {qid} or defines "
+                   f"{names}. Was the cell deleted, or the function renamed?")
+            q.tests = [_failed(t, msg) for t in tests]
+        elif left <= 0:
+            q.tests = [_failed(t, "not graded: this notebook used up its total grading time") for t in tests]
+        else:
+            limit = min(opts["timeout"], left)
+            job = {"kind": "run", "question": qid, "tests_source": suite.source,
+                   "tests_file": str(suite.path), "timeout": limit, "max_output": opts["max_output"],
+                   "memory_mb": opts["memory_mb"],
+                   "snippets": [vars(s) for s in prog.snippets]}
+            reply = sandbox.request(job, timeout=limit + 30)
+            if not reply or "fatal" in reply:
+                why = (reply or {}).get("fatal", "the sandbox stopped responding")
+                q.tests = [_failed(t, f"could not be graded ({why})") for t in tests]
+                sub.review.append(f"{qid}: sandbox failure: {why}")
+            else:
+                by_name = {r["name"]: r for r in reply["tests"]}
+                q.tests = [TestResult(t["name"], t["doc"], t["points"], t["visibility"],
+                                      by_name[t["name"]]["passed"], by_name[t["name"]]["message"])
+                           for t in tests]
+                q.seconds = reply["seconds"]
+                if reply["tamper"]:
+                    sub.review.append(f"{qid}: changed the grading environment ({reply['tamper']})")
+                if reply["output_bytes"]:
+                    shown = reply["output"]
+                    more = reply["output_bytes"] - len(shown.encode())
+                    q.output = shown + (f"\n… ({more} more bytes not shown)" if more > 0 else "")
+        sub.questions.append(q)
+    sub.seconds = time.monotonic() - started
+    return sub
+
+
+def _failed(test: dict, message: str) -> TestResult:
+    return TestResult(test["name"], test["doc"], test["points"], test["visibility"], False, message)
+
+
+# --- reports ---------------------------------------------------------------------------
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def table(subs: list[Submission]) -> str:
+    """A plain-text table: one row per submission, one column per question."""
+    qids = _question_columns(subs)
+    names = [s.name for s in subs]
+    if len(set(names)) < len(names):  # same file name in several folders: show the paths
+        names = [s.path for s in subs]
+    width = max([len("submission")] + [len(n) for n in names])
+    head = f"{'submission':<{width}}  " + "  ".join(f"{q:>7}" for q in qids) + f"  {'total':>9}  notes"
+    lines = [head, "-" * len(head)]
+    for s, name in zip(subs, names):
+        cells = []
+        byq = {q.id: q for q in s.questions}
+        for qid in qids:
+            q = byq.get(qid)
+            cells.append(f"{_fmt(q.score) + '/' + _fmt(q.max_score) if q else '-':>7}")
+        notes = s.error or ""
+        if s.review:
+            notes = (notes + "; " if notes else "") + "REVIEW: " + s.review[0] + (
+                f" (+{len(s.review) - 1} more)" if len(s.review) > 1 else "")
+        total = f"{_fmt(s.score)}/{_fmt(s.max_score)}"
+        lines.append(f"{name:<{width}}  " + "  ".join(cells) + f"  {total:>9}  {notes}".rstrip())
+    return "\n".join(lines)
+
+
+def details(sub: Submission) -> str:
+    """Per-test feedback for one submission (failures only, plus a line per full question)."""
+    out = [f"{sub.path}: {_fmt(sub.score)}/{_fmt(sub.max_score)}"]
+    if sub.error:
+        out.append(f"  {sub.error}")
+    for q in sub.questions:
+        mark = "✅" if q.score == q.max_score else "❌"
+        out.append(f"  {mark} {q.id} ({q.title}): {_fmt(q.score)}/{_fmt(q.max_score)}")
+        if sub.error:
+            continue
+        failed = [t for t in q.tests if not t.passed]
+        if failed and len(failed) == len(q.tests) and len({t.message for t in failed}) == 1:
+            out.append(f"      - every check: {failed[0].message}")  # one cause, said once
+            continue
+        for t in failed:
+            out.append(f"      - {t.doc}: {t.message}")
+    for r in sub.review:
+        out.append(f"  REVIEW: {r}")
+    return "\n".join(out)
+
+
+def _question_columns(subs):
+    seen = []
+    for s in subs:
+        for q in s.questions:
+            if q.id not in seen:
+                seen.append(q.id)
+    return seen
+
+
+def gradescope(sub: Submission) -> dict:
+    """One submission in Gradescope's ``results.json`` schema."""
+    tests = []
+    for q in sub.questions:
+        for i, t in enumerate(q.tests):
+            output = "passed" if t.passed else t.message
+            if not t.passed and q.output and i == next(j for j, u in enumerate(q.tests) if not u.passed):
+                output += f"\n\nYour code printed:\n{q.output}"
+            tests.append({"name": f"{q.id} ({q.title}): {t.doc}", "score": t.score,
+                          "max_score": t.points, "status": "passed" if t.passed else "failed",
+                          "visibility": t.visibility, "output": output})
+    if sub.review:
+        # Instructors see hidden tests on Gradescope; students do not.
+        tests.append({"name": "for the instructor: review", "score": 0.0, "max_score": 0.0,
+                      "visibility": "hidden", "output": "\n".join(sub.review)})
+    summary = sub.error or f"{_fmt(sub.score)} of {_fmt(sub.max_score)} points."
+    return {"score": sub.score, "execution_time": round(sub.seconds, 3), "output": summary,
+            "visibility": "visible", "stdout_visibility": "hidden", "tests": tests}
+
+
+def write_json(subs: list[Submission], path: str | Path) -> None:
+    """One submission: Gradescope's object. Several: ``{"submissions": [...]}``, each entry
+    the same object plus its ``file``."""
+    if len(subs) == 1:
+        data = gradescope(subs[0])
+    else:
+        data = {"submissions": [dict(gradescope(s), file=s.path) for s in subs]}
+    _atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_csv(subs: list[Submission], path: str | Path) -> None:
+    qids = _question_columns(subs)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "chapter", "score", "max_score", *qids, "error", "review"])
+        for s in subs:
+            byq = {q.id: q for q in s.questions}
+            w.writerow([s.path, s.chapter or "", _fmt(s.score), _fmt(s.max_score),
+                        *[_fmt(byq[q].score) if q in byq else "" for q in qids],
+                        s.error or "", " | ".join(s.review)])
+    os.replace(tmp, path)
+
+
+def _atomic_write(path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
