@@ -111,3 +111,28 @@ def test_run_fails_loudly_and_shows_the_cell(tmp_path):
     assert (tmp_path / "build" / "bad.ipynb").exists()  # the partial run is kept for inspection
     out = run("run", str(tmp_path / "missing.ipynb"), "--out", str(tmp_path / "build"))
     assert out.returncode == 1 and "does not exist" in out.stderr
+
+
+def test_predict_names_ants_and_bees_in_real_photos():
+    """Photos the offline model was never tested on here: hymenoptera val from the mirror."""
+    try:
+        root = datasets.locate("hymenoptera", download=False)
+    except datasets.DatasetUnavailable as exc:
+        pytest.skip(f"needs the hymenoptera photos: {exc}")
+    files = {cls: sorted((root / "val" / cls).glob("*.jpg"))[:8] for cls in ("ants", "bees")}
+    out = run("predict", *[str(p) for ps in files.values() for p in ps], "--top", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    right = sum(result[str(p)][0]["class"] == ("ant, emmet, pismire" if cls == "ants" else "bee")
+                for cls, ps in files.items() for p in ps)
+    assert right >= 12, f"only {right}/16 ants and bees named correctly"
+
+
+def test_data_verify_flags_a_corrupt_copy(tmp_path):
+    ants = tmp_path / "hymenoptera_data" / "train" / "ants"
+    ants.mkdir(parents=True)
+    (ants / "half.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    out = run("data", "verify", "hymenoptera", env={"TLCOURSE_DATA": str(tmp_path)})
+    assert out.returncode == 1
+    assert "corrupt" in out.stdout and "tlcourse data fetch hymenoptera" in out.stdout
+    assert "half.jpg" in out.stdout  # the unreadable image is named

@@ -91,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     if command == "setup":
         return 0
     if command == "lab":
-        return subprocess.call([str(bindir / "jupyter"), "lab", LANDING, *rest], cwd=ROOT)
+        # root_dir: the file browser shows the whole course (notebooks/, exercises/, ...), not
+        # only the landing notebook's folder; default_url opens the landing notebook.
+        # Containers and cloud VMs often run as root, which JupyterLab refuses without --allow-root.
+        as_root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+        return subprocess.call([str(bindir / "jupyter"), "lab", f"--ServerApp.root_dir={ROOT}",
+                                f"--LabApp.default_url=/lab/tree/{LANDING}", *as_root, *rest], cwd=ROOT)
     _default_data_dir()
     start = time.monotonic()
     code = subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)

@@ -34,8 +34,23 @@ def _cmd_env(args) -> int:
 
 def _print_data_status(datasets) -> None:
     print(f"  {'data dir':<13} {datasets.data_dir()}  [TLCOURSE_DATA to change]")
-    for status in datasets.status_all():
+    statuses = datasets.status_all()
+    for status in statuses:
         print(f"    {status.name:<14} {status.state:<8} {status.message}")
+    print("  " + _data_summary(statuses))
+
+
+def _data_summary(statuses) -> str:
+    counts = {}
+    for status in statuses:
+        counts[status.state] = counts.get(status.state, 0) + 1
+    line = "In short: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + "."
+    if counts.get("missing"):
+        line += (" Missing datasets download on first use when online (or `tlcourse data fetch NAME`);"
+                 " offline, notebooks fall back to the bundled ones.")
+    if counts.get("corrupt"):
+        line += " Corrupt copies are never used: `tlcourse data fetch NAME` replaces them."
+    return line
 
 
 def _cmd_data(args) -> int:
@@ -49,12 +64,11 @@ def _cmd_data(args) -> int:
     if args.action == "verify":
         names = args.names or list(datasets.DATASETS)
         print(f"data dir: {datasets.data_dir()}")
-        bad = 0
-        for name in names:
-            status = datasets.verify(name)
+        statuses = [datasets.verify(name) for name in names]
+        for status in statuses:
             print(f"  {status.name:<14} {status.state:<8} {status.message}")
-            bad += status.state == "corrupt"
-        return 1 if bad else 0
+        print(_data_summary(statuses))
+        return 1 if any(s.state == "corrupt" for s in statuses) else 0
     if not args.names:
         print("tlcourse data fetch: name at least one dataset (tlcourse data list shows them)", file=sys.stderr)
         return 2
