@@ -37,9 +37,10 @@ def test_console_script_is_installed():
 
 
 def test_env_explains_machine(tmp_path):
-    out = run("env", env={"TLCOURSE_DATA": str(tmp_path), "TLCOURSE_PROFILE": ""})
+    # No GPU visible and no profile set: the default profile must be quick, and say why.
+    out = run("env", env={"TLCOURSE_DATA": str(tmp_path), "TLCOURSE_PROFILE": "", "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 0, out.stderr
-    assert "profile" in out.stdout and "quick" in out.stdout
+    assert "profile" in out.stdout and "quick" in out.stdout and "default (by device)" in out.stdout
     assert str(tmp_path) in out.stdout and "missing" in out.stdout
     data = json.loads(run("env", "--json", env={"TLCOURSE_DATA": str(tmp_path)}).stdout)
     assert data["data_dir"] == str(tmp_path) and data["datasets"]["hymenoptera"] == "missing"
@@ -136,3 +137,20 @@ def test_data_verify_flags_a_corrupt_copy(tmp_path):
     assert out.returncode == 1
     assert "corrupt" in out.stdout and "tlcourse data fetch hymenoptera" in out.stdout
     assert "half.jpg" in out.stdout  # the unreadable image is named
+
+
+def test_bad_arguments_get_clear_errors(tmp_path):
+    out = run("predict", "x.jpg", "--top", "0")
+    assert out.returncode == 2 and "--top must be at least 1" in out.stderr
+    out = run("data", "verify", "hymenopetra")
+    assert out.returncode == 2 and "Did you mean 'hymenoptera'" in out.stderr and "Traceback" not in out.stderr
+    out = run("predict", "--model", str(tmp_path / "none.pt"), "x.jpg")
+    assert out.returncode == 2 and "No saved model" in out.stderr
+
+
+def test_run_reports_a_cell_timeout(tmp_path):
+    slow = tmp_path / "slow.ipynb"
+    _notebook(slow, ["import time", "time.sleep(60)"])
+    out = run("run", str(slow), "--timeout", "3", "--out", str(tmp_path / "build"), timeout=120)
+    assert out.returncode == 1
+    assert "longer than the 3 s limit" in out.stderr and "time.sleep(60)" in out.stderr

@@ -64,7 +64,11 @@ def _cmd_data(args) -> int:
     if args.action == "verify":
         names = args.names or list(datasets.DATASETS)
         print(f"data dir: {datasets.data_dir()}")
-        statuses = [datasets.verify(name) for name in names]
+        try:
+            statuses = [datasets.verify(name) for name in names]
+        except ValueError as exc:  # an unknown name: the message lists the known ones
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         for status in statuses:
             print(f"  {status.name:<14} {status.state:<8} {status.message}")
         print(_data_summary(statuses))
@@ -88,6 +92,16 @@ def _cmd_predict(args) -> int:
 
     from tlcourse import models
 
+    if args.top < 1:
+        print(f"error: --top must be at least 1, not {args.top}", file=sys.stderr)
+        return 2
+
+    if args.model:  # a bad model file is one clear error before any image is read
+        try:
+            model, classes, transform = models.load_classifier(args.model)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     images, names, failed = [], [], []
     for name in args.images:
         try:
@@ -102,11 +116,12 @@ def _cmd_predict(args) -> int:
         print(f"error: {name}: {why}", file=sys.stderr)
     results = {}
     if images:
-        model = models.efficientnet_lite0()
-        transform = models.preprocess(model)
+        if not args.model:
+            model, classes = models.efficientnet_lite0(), None
+            transform = models.preprocess(model)
         for start in range(0, len(images), 32):
             chunk = images[start:start + 32]
-            preds = models.predict_images(model, chunk, k=args.top, transform=transform)
+            preds = models.predict_images(model, chunk, k=args.top, transform=transform, classes=classes)
             results.update(zip(names[start:start + 32], preds))
     if args.json:
         payload = {n: [{"class": c, "probability": round(p, 5)} for c, p in preds] for n, preds in results.items()}
@@ -118,6 +133,90 @@ def _cmd_predict(args) -> int:
             for rank, (cls, prob) in enumerate(preds, 1):
                 print(f"  {rank}. {prob:6.1%}  {cls}")
     return 1 if failed else 0
+
+
+def _add_folder_arguments(p) -> None:
+    p.add_argument("train_dir", metavar="TRAIN_DIR", help="folder with one subfolder of images per class")
+    p.add_argument("val_dir", metavar="VAL_DIR", nargs="?", help="validation folder with the same class subfolders")
+    p.add_argument("--val-split", type=float, metavar="F", help="no VAL_DIR: hold out this fraction of TRAIN_DIR (e.g. 0.2)")
+    p.add_argument("--image-size", type=int, default=224, metavar="PX", help="input size in pixels (default 224; 160 is ~2x faster)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--out", metavar="FILE", help="save the model (with class names and preprocessing) for `tlcourse predict --model`")
+
+
+def _load_folders(args, transform, val_transform=None):
+    """``folders.load_train_val`` for a command; returns None after printing a clear error."""
+    import warnings
+
+    from tlcourse import folders
+    from tlcourse.datasets import ImageFolderError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            data = folders.load_train_val(args.train_dir, args.val_dir, args.val_split, transform=transform,
+                                          val_transform=val_transform, seed=args.seed)
+        except (ImageFolderError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return None
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return data
+
+
+def _report(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"{summary['method']} on {summary['backbone']} at {summary['image_size']} px")
+    print(f"  train {summary['train_images']} images, validation {summary['val_images']} images, "
+          f"{len(summary['classes'])} classes")
+    print(f"  {'class':<20} {'val images':>10} {'accuracy':>9}")
+    for cls, acc in summary["per_class_accuracy"].items():
+        print(f"  {cls:<20} {summary['val_counts'][cls]:>10} {acc:>9.3f}")
+    print(f"  {'all':<20} {summary['val_images']:>10} {summary['accuracy']:>9.3f}")
+    print(f"  {summary['seconds']:.1f} s in all, {summary['images_per_second']:.0f} images/s through the backbone")
+    if summary.get("saved"):
+        print(f"  saved to {summary['saved']}  (use: tlcourse predict --model {summary['saved']} IMAGE...)")
+
+
+def _cmd_probe(args) -> int:
+    import time
+
+    from tlcourse import env, features, folders, models
+
+    start = time.perf_counter()
+    env.seed_everything(args.seed)
+    device = env.device()
+    model = models.efficientnet_lite0()
+    data = _load_folders(args, models.preprocess(model, image_size=args.image_size))
+    if data is None:
+        return 2
+    backbone, _ = models.split_backbone_head(model)
+    t0 = time.perf_counter()
+    x_train, y_train = features.extract_features(backbone, data.train, device=device, desc="train features")
+    x_val, y_val = features.extract_features(backbone, data.val, device=device, desc="val features")
+    feature_seconds = time.perf_counter() - t0
+    probe = features.linear_probe(x_train, y_train, C=args.C)
+    predicted = probe.predict(x_val.numpy())
+    summary = {
+        "method": "linear probe", "backbone": "efficientnet_lite0", "image_size": args.image_size,
+        "classes": data.classes, "train_images": len(y_train), "val_images": len(y_val),
+        "val_counts": data.counts("val"),
+        "accuracy": float((predicted == y_val.numpy()).mean()),
+        "per_class_accuracy": folders.per_class_accuracy(predicted, y_val, data.classes),
+        "skipped": [str(p) for p, _ in data.skipped],
+        "images_per_second": (len(y_train) + len(y_val)) / feature_seconds,
+    }
+    if args.out:
+        model.reset_classifier(len(data.classes))
+        model.classifier = features.probe_to_linear(probe)
+        summary["saved"] = str(models.save_classifier(args.out, model, data.classes, args.image_size,
+                                                      method="linear probe", accuracy=summary["accuracy"]))
+    summary["seconds"] = time.perf_counter() - start
+    _report(summary, args.json)
+    return 0
 
 
 def _cmd_run(args) -> int:
@@ -135,7 +234,9 @@ def _cmd_run(args) -> int:
             print(f"  FAILED after {res.seconds:.0f} s", file=sys.stderr)
             if res.failing_cell:
                 print("  failing cell:\n" + "\n".join("    " + line for line in res.failing_cell.splitlines()), file=sys.stderr)
-            print("  " + res.error.strip().splitlines()[-1] if res.error.strip() else "", file=sys.stderr)
+            lines = [ln for ln in res.error.strip().splitlines() if ln.strip(" -")]
+            if lines:
+                print("  " + lines[-1], file=sys.stderr)
             if res.executed:
                 print(f"  partial output: {res.executed}", file=sys.stderr)
     return code
@@ -173,7 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--model", metavar="FILE", help="a model saved by `tlcourse probe/finetune --out` (default: ImageNet classes)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("probe", help="train a linear probe on your own image folders",
+                       description="Feature extraction on any folder of class-named subfolders: the frozen "
+                                   "EfficientNet-Lite0 computes features once, a logistic regression learns your "
+                                   "classes. Give a validation folder with the same class subfolders, or --val-split.")
+    _add_folder_arguments(p)
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression (default 1)")
+    p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("run", help="execute notebooks headless into build/ (ipynb + HTML)",
                        description="Execute notebooks in fresh kernels; write executed .ipynb and .html to --out. "

@@ -39,6 +39,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torchvision
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from . import env
@@ -67,6 +68,8 @@ __all__ = [
     "digits",
     "photos",
     "lfw_subset",
+    "lfw_faces",
+    "ArrayImages",
     "COLOUR_PHOTOS",
     "GREY_PHOTOS",
 ]
@@ -576,7 +579,7 @@ def torchvision_dataset(name: str, split: str = "train", transform: Callable | N
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's handwritten digits: ``X`` float32 ``[1797, 8, 8]`` in [0, 1],
-    ``y`` int64 ``[1797]`` (0-9). Real handwriting from 43 writers, bundled, always offline."""
+    ``y`` int64 ``[1797]`` (0-9). Real handwriting (the UCI test set: 13 writers), bundled, always offline."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -618,6 +621,40 @@ def lfw_subset() -> tuple[np.ndarray, np.ndarray]:
     y = np.zeros(len(X), dtype=np.int64)
     y[:100] = 1  # skimage documents: the first 100 images are faces, the next 100 are not
     return X, y
+
+
+
+class ArrayImages(Dataset):
+    """Images held in an array ``[N, H, W]`` (grey) or ``[N, H, W, 3]``, values in [0, 1],
+    served as RGB PIL images through ``transform`` — so the same preprocessing as for photo
+    folders applies. ``.targets`` and ``.classes`` as in ImageFolder."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], transform: Callable | None = None):
+        self.images, self.targets = images, [int(t) for t in labels]
+        self.classes, self.transform = list(classes), transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(np.uint8(np.clip(self.images[i], 0, 1) * 255)).convert("RGB")
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def lfw_faces(split: str = "train", transform: Callable | None = None, seed: int = 0) -> ArrayImages:
+    """:func:`lfw_subset` as an image dataset, split in stratified halves (100 train, 100 val).
+
+    Classes ``["non-face", "face"]``. The offline fallback for the feature-extraction and
+    fine-tuning chapters when hymenoptera is not available.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    X, y = lfw_subset()
+    train_idx, val_idx = train_test_split(np.arange(len(y)), test_size=0.5, stratify=y, random_state=seed)
+    idx = np.sort(train_idx if split == "train" else val_idx)
+    return ArrayImages(X[idx], y[idx], ["non-face", "face"], transform)
 
 
 # ----------------------------------------------------------------------------- the registry entries

@@ -230,3 +230,44 @@ def predict_images(
     batch = torch.stack([transform(img.convert("RGB")) for img in images]).to(device)
     model = model.to(device).eval()
     return topk(model(batch), k=k, classes=classes)
+
+
+CLASSIFIER_FORMAT = "tlcourse-classifier/1"
+
+
+def save_classifier(path: str | Path, model: nn.Module, classes: Sequence[str], image_size: int = 224,
+                    arch: str = "efficientnet_lite0", **info) -> Path:
+    """Save a trained classifier with what is needed to use it: architecture, class names,
+    input size (the preprocessing follows from the architecture), plus any ``info``
+    (e.g. validation accuracy). Written atomically: a crash never leaves a half file.
+    """
+    import os
+    import tempfile
+
+    from tlcourse import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CLASSIFIER_FORMAT, "arch": arch, "classes": list(classes), "image_size": int(image_size),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "tlcourse": __version__, "info": info}
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
+        torch.save(payload, tmp)
+    os.replace(tmp.name, path)
+    return path
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, list[str], Callable]:
+    """Load what :func:`save_classifier` wrote: ``(model in eval mode, class names, transform)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No saved model at {path}; train one with `tlcourse probe ... --out {path.name}`.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        raise ValueError(f"{path} is not a model saved by tlcourse (or it is damaged): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CLASSIFIER_FORMAT:
+        raise ValueError(f"{path} is not a model saved by tlcourse (format {CLASSIFIER_FORMAT}).")
+    model = create_model(payload["arch"], pretrained=False, num_classes=len(payload["classes"]))
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), list(payload["classes"]), preprocess(model, image_size=payload["image_size"])

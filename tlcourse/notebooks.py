@@ -85,7 +85,11 @@ def run_notebook(
     result = RunResult(path, ok=True, seconds=0.0)
     try:
         client.execute()
-    except (CellExecutionError, CellTimeoutError) as exc:
+    except CellTimeoutError as exc:
+        result.ok = False
+        result.error = f"{exc}\nA cell ran longer than the {timeout} s limit (--timeout) and was stopped."
+        result.failing_cell = _running_cell_source(nb)
+    except CellExecutionError as exc:
         result.ok = False
         result.error = str(exc)
         result.failing_cell = _failing_cell_source(nb)
@@ -107,6 +111,12 @@ def run_notebook(
     if inplace and result.ok:
         nbformat.write(nb, path)
     return result
+
+
+def _running_cell_source(nb) -> str:
+    """The cell a timeout interrupted: the last code cell that started executing."""
+    started = [c for c in nb.cells if c.cell_type == "code" and c.get("execution_count")]
+    return started[-1].source if started else ""
 
 
 def _failing_cell_source(nb) -> str:

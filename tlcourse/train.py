@@ -48,13 +48,22 @@ def autocast(device: torch.device, enabled: bool | None = None):
         enabled = device.type == "cuda"
     if not enabled or device.type != "cuda":
         return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if _native_bf16() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def _needs_scaler(device: torch.device, amp: bool) -> bool:
     # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
-    return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return amp and device.type == "cuda" and not _native_bf16()
+
+
+def _native_bf16() -> bool:
+    # Ampere and newer compute in bfloat16 natively; on a T4 (Colab's free GPU) it is only
+    # emulated, slowly, so float16 with loss scaling is the right choice there.
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.4 has no including_emulation and reports native support only
+        return torch.cuda.is_bf16_supported()
 
 
 def train_one_epoch(
@@ -79,6 +88,8 @@ def train_one_epoch(
         with autocast(device, amp):
             logits = model(x)
             loss = loss_fn(logits, y)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"The loss became {loss.item()}; lower the learning rate or check the inputs.")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -89,8 +100,6 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"The loss became {loss.item()}; lower the learning rate.")
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(dim=1) == y).sum().item()
         seen += len(y)

@@ -65,7 +65,7 @@ def show_images(images, titles: Sequence[str] | None = None, ncols: int = 4, siz
         img = to_image(images[i], mean, std)
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
         if titles is not None:
-            ax.set_title(titles[i], fontsize=9, color=None if colors is None else colors[i])
+            ax.set_title(titles[i], fontsize=9, **({} if colors is None else {"color": colors[i]}))
     fig.tight_layout()
     return fig
 
@@ -88,6 +88,31 @@ def plot_topk(predictions: Sequence[tuple[str, float]], ax=None, title: str | No
     ax.barh(names, probs, color="tab:blue")
     ax.set_xlim(0, 1)
     ax.set_xlabel("probability")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def draw_pipeline(stages: Sequence[tuple[str, str]], ax=None, title: str | None = None):
+    """A left-to-right box diagram of a model pipeline.
+
+    ``stages`` are ``(label, state)`` pairs with state ``"data"``, ``"frozen"``,
+    ``"trained"`` or ``"cached"``; the colour legend says which parts learn.
+    """
+    colours = {"data": "#eeeeee", "frozen": "#9ecae1", "trained": "#fdae6b", "cached": "#c7e9c0"}
+    if ax is None:
+        _, ax = plt.subplots(figsize=(2.3 * len(stages), 1.6))
+    for i, (label, state) in enumerate(stages):
+        ax.add_patch(plt.Rectangle((i * 2.3, 0), 1.8, 1, facecolor=colours[state], edgecolor="black"))
+        ax.text(i * 2.3 + 0.9, 0.5, label, ha="center", va="center", fontsize=9, wrap=True)
+        if i:
+            ax.annotate("", xy=(i * 2.3, 0.5), xytext=(i * 2.3 - 0.5, 0.5), arrowprops={"arrowstyle": "->"})
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colours[s], edgecolor="black") for s in ("frozen", "cached", "trained")]
+    ax.legend(handles, ["frozen (no gradients)", "computed once, cached", "trained"], loc="upper center",
+              bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
+    ax.set_xlim(-0.1, len(stages) * 2.3 - 0.4)
+    ax.set_ylim(-0.1, 1.1)
+    ax.axis("off")
     if title:
         ax.set_title(title, fontsize=10)
     return ax
