@@ -1,0 +1,94 @@
+"""Bring-your-own-images: folders of class subfolders, and the probe command on them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tlcourse import folders
+from tlcourse.datasets import ImageFolderError
+
+
+def make_folder(root, classes=("red", "blue"), n=6, size=48):
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            shade = 120 + 20 * i
+            colour = {"red": (shade, 20, 20), "blue": (20, 20, shade), "green": (20, shade, 20)}[cls]
+            Image.new("RGB", (size, size), colour).save(root / cls / f"{i}.jpg")
+    return root
+
+
+def test_val_split_is_stratified(tmp_path):
+    data = folders.load_train_val(make_folder(tmp_path / "all", n=10), val_split=0.3)
+    assert data.classes == ["blue", "red"]
+    assert data.counts("val") == {"blue": 3, "red": 3} and data.counts("train") == {"blue": 7, "red": 7}
+
+
+def test_val_folder_must_have_the_same_classes(tmp_path):
+    make_folder(tmp_path / "train")
+    make_folder(tmp_path / "val", classes=("red", "green"))
+    with pytest.raises(ImageFolderError, match="class folders differ"):
+        folders.load_train_val(tmp_path / "train", tmp_path / "val")
+
+
+def test_unreadable_images_are_left_out_with_a_warning(tmp_path):
+    root = make_folder(tmp_path / "train")
+    (root / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    make_folder(tmp_path / "val")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        data = folders.load_train_val(root, tmp_path / "val")
+    assert data.counts("train") == {"blue": 6, "red": 6}
+    assert [p.name for p, _ in data.skipped] == ["broken.jpg"]
+
+
+def test_missing_validation_is_explained(tmp_path):
+    with pytest.raises(ValueError, match="--val-split 0.2"):
+        folders.load_train_val(make_folder(tmp_path / "train"))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        folders.load_train_val(tmp_path / "train", val_split=1.5)
+
+
+def test_per_class_accuracy():
+    acc = folders.per_class_accuracy([0, 0, 1, 1], [0, 1, 1, 1], ["a", "b"])
+    assert acc == {"a": 1.0, "b": pytest.approx(2 / 3)}
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "tlcourse.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_probe_command_end_to_end(tmp_path):
+    make_folder(tmp_path / "train", n=8)
+    make_folder(tmp_path / "val", n=4)
+    model = tmp_path / "colours.pt"
+    out = _cli("probe", str(tmp_path / "train"), str(tmp_path / "val"), "--image-size", "64", "--json", "--out", str(model))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["accuracy"] == 1.0 and set(summary["per_class_accuracy"]) == {"red", "blue"}
+    assert summary["train_images"] == 16 and summary["val_images"] == 8 and summary["images_per_second"] > 0
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "new_red.png")
+    out = _cli("predict", "--model", str(model), str(tmp_path / "new_red.png"), "--top", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[str(tmp_path / "new_red.png")][0]["class"] == "red"
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("one_class", "only one class folder"),
+    ("empty_class", "contain no images"),
+    ("loose", "lie directly in"),
+])
+def test_probe_command_rejects_bad_folders(tmp_path, layout, message):
+    root = tmp_path / "train"
+    if layout == "one_class":
+        make_folder(root, classes=("red",))
+    elif layout == "empty_class":
+        make_folder(root)
+        (root / "green").mkdir()
+    else:
+        make_folder(root)
+        Image.new("RGB", (8, 8)).save(root / "stray.jpg")
+    out = _cli("probe", str(root), "--val-split", "0.3")
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
