@@ -92,3 +92,17 @@ def test_probe_command_rejects_bad_folders(tmp_path, layout, message):
         Image.new("RGB", (8, 8)).save(root / "stray.jpg")
     out = _cli("probe", str(root), "--val-split", "0.3")
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_finetune_command_end_to_end(tmp_path):
+    make_folder(tmp_path / "train", n=8)
+    model = tmp_path / "ft.pt"
+    out = _cli("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--image-size", "64", "--epochs", "2",
+               "--blocks", "1", "--json", "--out", str(model))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["val_images"] == 4 and summary["train_images"] == 12 and len(summary["val_accuracy_per_epoch"]) == 2
+    assert 0 < summary["trainable_parameters"] < 4_000_000  # only the last group and the head train
+    assert model.exists()
+    out = _cli("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--epochs", "0")
+    assert out.returncode == 2 and "at least 1" in out.stderr

@@ -135,11 +135,18 @@ def _cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _add_folder_arguments(p) -> None:
     p.add_argument("train_dir", metavar="TRAIN_DIR", help="folder with one subfolder of images per class")
     p.add_argument("val_dir", metavar="VAL_DIR", nargs="?", help="validation folder with the same class subfolders")
     p.add_argument("--val-split", type=float, metavar="F", help="no VAL_DIR: hold out this fraction of TRAIN_DIR (e.g. 0.2)")
-    p.add_argument("--image-size", type=int, default=224, metavar="PX", help="input size in pixels (default 224; 160 is ~2x faster)")
+    p.add_argument("--image-size", type=_positive_int, default=224, metavar="PX", help="input size in pixels (default 224; 160 is ~2x faster)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--out", metavar="FILE", help="save the model (with class names and preprocessing) for `tlcourse predict --model`")
@@ -176,7 +183,7 @@ def _report(summary: dict, as_json: bool) -> None:
     for cls, acc in summary["per_class_accuracy"].items():
         print(f"  {cls:<20} {summary['val_counts'][cls]:>10} {acc:>9.3f}")
     print(f"  {'all':<20} {summary['val_images']:>10} {summary['accuracy']:>9.3f}")
-    print(f"  {summary['seconds']:.1f} s in all, {summary['images_per_second']:.0f} images/s through the backbone")
+    print(f"  {summary['seconds']:.1f} s in all, {summary['images_per_second']:.1f} images/s through the network")
     if summary.get("saved"):
         print(f"  saved to {summary['saved']}  (use: tlcourse predict --model {summary['saved']} IMAGE...)")
 
@@ -214,6 +221,53 @@ def _cmd_probe(args) -> int:
         model.classifier = features.probe_to_linear(probe)
         summary["saved"] = str(models.save_classifier(args.out, model, data.classes, args.image_size,
                                                       method="linear probe", accuracy=summary["accuracy"]))
+    summary["seconds"] = time.perf_counter() - start
+    _report(summary, args.json)
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    import time
+
+    from tlcourse import env, finetune, folders, models, train
+
+    start = time.perf_counter()
+    device = env.device()
+    data = _load_folders(args, transform=None)
+    if data is None:
+        return 2
+    mean, std = models.normalization(models.efficientnet_lite0(pretrained=False))
+    short = finetune.short_side_for(args.image_size)
+
+    def decoded(dataset, transform):
+        paths, labels = zip(*folders.samples(dataset))
+        return finetune.PreDecoded.from_paths(paths, labels, data.classes, short, transform)
+
+    train_set = decoded(data.train, finetune.train_transform(args.image_size, mean, std))
+    val_set = decoded(data.val, finetune.eval_transform(args.image_size, mean, std))
+    generator = env.seed_everything(args.seed)
+    train_loader = train.make_loader(train_set, args.batch_size, shuffle=True, device=device, generator=generator)
+    val_loader = train.make_loader(val_set, 64, device=device)
+    blocks = None if args.blocks == "all" else int(args.blocks)
+    strategy = finetune.Strategy(name="fine-tune all" if blocks is None else f"fine-tune last {blocks} group(s)", blocks=blocks,
+                                 lr=args.lr, layer_decay=args.layer_decay, epochs=args.epochs)
+    result = finetune.run_strategy(lambda: models.efficientnet_lite0(num_classes=len(data.classes)), strategy,
+                                   train_loader, val_loader, device=device, seed=args.seed, progress=not args.json)
+    logits, labels = train.predict(result.model.to(device), val_loader, device)
+    predicted = logits.argmax(1)
+    summary = {
+        "method": strategy.name, "backbone": "efficientnet_lite0", "image_size": args.image_size,
+        "classes": data.classes, "train_images": len(train_set), "val_images": len(val_set),
+        "val_counts": data.counts("val"), "epochs": args.epochs, "trainable_parameters": result.trainable,
+        "accuracy": float((predicted == labels).float().mean()),
+        "per_class_accuracy": folders.per_class_accuracy(predicted, labels, data.classes),
+        "val_accuracy_per_epoch": result.history["val_acc"],
+        "skipped": [str(p) for p, _ in data.skipped],
+        "images_per_second": len(train_set) * args.epochs / result.seconds,
+    }
+    if args.out:
+        summary["saved"] = str(models.save_classifier(args.out, result.model, data.classes, args.image_size,
+                                                      method=strategy.name, accuracy=summary["accuracy"]))
     summary["seconds"] = time.perf_counter() - start
     _report(summary, args.json)
     return 0
@@ -284,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_folder_arguments(p)
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression (default 1)")
     p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("finetune", help="fine-tune the backbone on your own image folders",
+                       description="Fine-tune EfficientNet-Lite0 on any folder of class-named subfolders: a new head, "
+                                   "the last --blocks layer groups (or all) trained with AdamW, warm-up + cosine "
+                                   "learning rate, layer-wise learning rates, BatchNorm kept in eval mode, and "
+                                   "random-resized-crop + flip augmentation. Use a GPU for more than a few hundred images.")
+    _add_folder_arguments(p)
+    p.add_argument("--epochs", type=_positive_int, default=8, help="passes over the training images (default 8)")
+    p.add_argument("--blocks", default="all", help="layer groups below the head to train: a number, or 'all' (default)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (default 1e-3)")
+    p.add_argument("--layer-decay", type=float, default=0.5, help="each earlier group's lr is this times the next (default 0.5)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per step (default 32)")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("run", help="execute notebooks headless into build/ (ipynb + HTML)",
                        description="Execute notebooks in fresh kernels; write executed .ipynb and .html to --out. "

@@ -99,6 +99,13 @@ def load_train_val(
                     list(train_set.classes), skipped)
 
 
+def samples(dataset: Dataset) -> list[tuple[str, int]]:
+    """``(path, label)`` of every image of an ImageFolder or of a Subset of one."""
+    if isinstance(dataset, Subset):
+        return [dataset.dataset.samples[i] for i in dataset.indices]
+    return list(dataset.samples)
+
+
 def per_class_accuracy(predicted, labels, classes: list[str]) -> dict[str, float]:
     """Accuracy within each class (a classifier that ignores a rare class shows up here)."""
     predicted, labels = np.asarray(predicted), np.asarray(labels)
