@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tlcourse.grading import exercises, extract, grader
+from tlcourse.grading import exercises, extract, grader, sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTION = ROOT / "solutions" / "00_setup_and_first_look.ipynb"
@@ -36,7 +36,31 @@ def _with_answer(qid: str, source: str, nb: dict | None = None) -> dict:
     return nb
 
 
+def _with_cell(after_qid: str, source: str, nb: dict | None = None, offset: int = 1) -> dict:
+    """The notebook with a new untagged code cell ``offset`` cells after ``after_qid``'s
+    answer cell (``after_qid=None``: right after the setup cell)."""
+    nb = copy.deepcopy(nb or _solution())
+    if after_qid is None:
+        at = next(i for i, c in enumerate(nb["cells"]) if "checker(" in extract.cell_source(c)) + 1
+    else:
+        at = next(i for i, c in enumerate(nb["cells"]) if extract.question_of(c) == after_qid) + offset
+    nb["cells"].insert(at, {"cell_type": "code", "metadata": {}, "source": source, "outputs": [],
+                            "execution_count": None})
+    return nb
+
+
+def _stub(qid: str) -> str:
+    return exercises.stub_source(_answer(qid), qid)
+
+
 WRONG_NORMALIZE = "def normalize(images, mean=(0.5,)*3, std=(0.5,)*3):\n    return images\n"
+# Reaches up the stack for the sandbox's reporting function and forges passes, then leaves
+# before the real tests run (the reviewer's attack): must never earn the points.
+FRAME_FORGERY = (
+    "import sys, os\nf = sys._getframe(1)\nwhile f is not None and 'report' not in f.f_locals:\n"
+    "    f = f.f_back\nrep = f.f_locals['report']\n"
+    "for n in ['test_q3_lite0_range', 'test_q3_per_channel', 'test_q3_not_in_place']:\n"
+    "    rep(kind='test', name=n, passed=True, message='')\nrep(kind='end')\nos._exit(0)\n")
 
 CASES = {
     # name: (notebook dict or raw text, {question: expected score}, text expected in a message)
@@ -71,7 +95,7 @@ CASES = {
                              {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "sys.exit"),
     "os_exit_in_function": (lambda: _with_answer("q2", "import os\ndef count_parameters(m, trainable_only=False):\n"
                                                  "    os._exit(0)\n"),
-                            {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "os._exit"),
+                            {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "held for review: uses os._exit"),
     "huge_prints": (lambda: _with_answer("q1", _answer("q1").replace(
         "    # BEGIN SOLUTION", "    print('x' * 5_000_000)\n    # BEGIN SOLUTION")),
         {"q1": 3, "q2": 3, "q3": 3, "q4": 4}, None),
@@ -80,8 +104,8 @@ CASES = {
         "print('{\"kind\": \"test\", \"name\": \"test_q3_lite0_range\", \"passed\": true}')\n")),
         {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, None),
     "writes_result_channel": (lambda: _with_answer("q3", WRONG_NORMALIZE + (
-        "import os\nfor fd in range(3, 64):\n    for name in ['test_q3_lite0_range', 'test_q3_per_channel', 'test_q3_not_in_place']:\n"
-        "        try: os.write(fd, ('{\"kind\": \"test\", \"name\": \"%s\", \"passed\": true}\\n' % name).encode())\n"
+        "for fd in range(3, 64):\n    for name in ['test_q3_lite0_range', 'test_q3_per_channel', 'test_q3_not_in_place']:\n"
+        "        try: open(fd, 'w', closefd=False).write('{\"kind\": \"test\", \"name\": \"%s\", \"passed\": true}\\n' % name)\n"
         "        except OSError: pass\n")),
         {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "changed the grading environment"),
     "patches_torch": (lambda: _with_answer("q3", WRONG_NORMALIZE + "import torch\ntorch.allclose = lambda *a, **k: True\n"
@@ -89,10 +113,10 @@ CASES = {
                       {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "torch.allclose"),
     "patches_builtins": (lambda: _with_answer("q2", "import builtins\nbuiltins.type = lambda x: int\n"
                                               "def count_parameters(m, trainable_only=False):\n    return 0\n"),
-                         {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "builtins.type"),
+                         {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "held for review: uses builtins"),
     "patches_checks_module": (lambda: _with_answer("q3", WRONG_NORMALIZE + (
         "import tlcourse.grading.checks.ch00 as c, tlcourse.grading.spec as s\n"
-        "for n in dir(c):\n    if n.startswith('test_'): setattr(c, n, lambda *a: None)\n"
+        "c.test_q3_lite0_range = c.test_q3_per_channel = lambda *a: None\n"
         "s.expect_close = lambda *a, **k: None\n")),
         {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "tlcourse.grading.spec.expect_close"),
     "patches_in_function": (lambda: _with_answer("q4", (
@@ -103,6 +127,27 @@ CASES = {
         "    def __torch_function__(cls, func, types, args=(), kwargs=None):\n        return True\n"
         "def normalize(images, mean=None, std=None):\n    return images.as_subclass(Rigged)\n")),
         {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, "should be a torch.Tensor"),
+    # Another cell's statement after `;` must not run with every question.
+    "sleep_after_import": (lambda: _with_cell(None, "import time; time.sleep(999)\n"),
+                           {"q1": 3, "q2": 3, "q3": 3, "q4": 4}, None),
+    # The stub left in the tagged cell, the answer written in a new cell below it: the
+    # kernel (and check()) use the later definition, so does the grader.
+    "answer_in_new_cell": (lambda: _with_cell("q2", _answer("q2"), _with_answer("q2", _stub("q2"))),
+                           {"q1": 3, "q2": 3, "q3": 3, "q4": 4}, None),
+    "answer_in_new_cell_then_stub_again": (  # the last definition wins, whichever it is
+        lambda: _with_cell("q2", _stub("q2"), _with_cell("q2", _answer("q2")), offset=2),
+        {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "not answered yet"),
+    "forges_via_frames": (lambda: _with_answer("q3", WRONG_NORMALIZE + FRAME_FORGERY),
+                          {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "held for review: uses sys._getframe"),
+    "forges_in_helper_cell": (lambda: _with_cell(None, "import sys\ndef _helper():\n    return sys._getframe(2)\n",
+                                                 _with_answer("q3", WRONG_NORMALIZE.replace(
+                                                     "return images", "_helper()\n    return images"))),
+                              {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "held for review: uses sys._getframe"),
+    "harmless_sys": (lambda: _with_answer("q2", "import sys\nassert sys.float_info.epsilon < 1\n" + _answer("q2")),
+                     {"q1": 3, "q2": 3, "q3": 3, "q4": 4}, None),
+    "small_prints": (lambda: _with_answer("q1", _answer("q1").replace(
+        "    # BEGIN SOLUTION", "    print('debug: k =', k)\n    # BEGIN SOLUTION")),
+        {"q1": 3, "q2": 3, "q3": 3, "q4": 4}, None),
     "corrupt_file": ('{"cells": [{"cell_type": "code", "source": "def topk_pre', {"q1": 0, "q2": 0, "q3": 0, "q4": 0},
                      "not valid JSON"),
     "not_a_notebook": ('{"hello": "world"}', {"q1": 0, "q2": 0, "q3": 0, "q4": 0}, "not a Jupyter notebook"),
@@ -160,18 +205,59 @@ def test_exercises_get_zero_with_kind_messages():
 def test_bad_submission_costs_only_itself(graded, case):
     sub = graded[case]
     _, expected, text = CASES[case]
-    assert _scores(sub) == pytest.approx(expected) if sub.questions else expected == {}, grader.details(sub)
+    assert _scores(sub) == pytest.approx(expected), grader.details(sub)
     if text:
         messages = " ".join([sub.error or ""] + [t.message for q in sub.questions for t in q.tests] + sub.review)
         assert text in messages, grader.details(sub)
 
 
 def test_tampering_is_flagged_for_review(graded):
-    for case in ("patches_torch", "patches_builtins", "patches_checks_module", "writes_result_channel",
-                 "patches_in_function"):
+    for case in ("patches_torch", "patches_checks_module", "writes_result_channel", "patches_in_function"):
         assert any("grading environment" in r for r in graded[case].review), case
+    for case, tool in (("patches_builtins", "builtins"), ("os_exit_in_function", "os._exit"),
+                       ("forges_via_frames", "sys._getframe"), ("forges_in_helper_cell", "sys._getframe")):
+        assert any("held for review" in r and tool in r for r in graded[case].review), case
+    # Held questions only: the other questions of the same notebook are graded as usual.
+    assert [r for r in graded["forges_in_helper_cell"].review if "held" in r] == [
+        "q3: held for review, not run (uses sys._getframe)"]
     assert any("imports `os`" in r for r in graded["os_exit_in_function"].review)
-    assert not graded["partial_credit"].review and not graded["huge_prints"].review
+    for case in ("partial_credit", "huge_prints", "harmless_sys", "sleep_after_import", "answer_in_new_cell"):
+        assert not any("held" in r or "grading environment" in r for r in graded[case].review), case
+
+
+def test_answer_below_the_stub_is_graded_with_a_note(graded):
+    assert any("defined again in cell" in n for n in graded["answer_in_new_cell"].notes)
+
+
+def test_short_prints_reach_the_feedback(graded):
+    q1 = graded["small_prints"].questions[0]
+    assert "debug: k = 3" in q1.output, q1.output
+    assert "Your code printed:\ndebug: k = 3" in json.dumps(grader.gradescope(graded["small_prints"]),
+                                                         ensure_ascii=False).replace("\\n", "\n")
+
+
+def test_statements_are_sliced_exactly():
+    snippets = extract._definitions(4, "import time; time.sleep(60)\nx = 3; print(x)\n@staticmethod\ndef f():\n"
+                                       "    return 1\n")
+    assert [s.source.lstrip("\n") for s in snippets] == ["import time", "x = 3",
+                                                           "@staticmethod\ndef f():\n    return 1"]
+    assert [s.source.count("\n") for s in snippets] == [0, 1, 4]  # line numbers stay right
+
+
+def test_escape_hatches_tell_harmless_sys_from_frames():
+    assert extract.escape_hatches("import sys\nprint(sys.float_info.max, sys.maxsize)") == []
+    assert extract.escape_hatches("import os\nos.path.join('a', 'b')") == []
+    assert extract.escape_hatches("model.modules()") == []
+    for source, reason in [("import sys\nf = sys._getframe(1)", "uses sys._getframe"),
+                           ("import sys as s\ns.modules['torch'] = None", "uses sys.modules"),
+                           ("import os as o\no._exit(0)", "uses os._exit"),
+                           ("def g(): pass\ng.__globals__['x'] = 1", "uses .__globals__"),
+                           ("import gc", "imports gc"), ("from inspect import stack", "imports from inspect"),
+                           ("import ctypes", "imports ctypes"), ("import builtins", "imports builtins"),
+                           ("eval('1')", "uses eval"),
+                           ("getattr(e, 'f_' + 'back')", "uses getattr with a computed name"),
+                           ("import sys\nx = [sys][0]", "passes the `sys` module around")]:
+        assert reason in extract.escape_hatches(source), source
 
 
 def test_huge_prints_are_truncated(graded):
@@ -237,7 +323,8 @@ def test_csv_has_one_row_per_submission(graded, tmp_path):
 
 
 def test_class_of_twenty_grades_in_seconds(tmp_path):
-    """20 submissions (full, empty, partial, one endless loop) on this machine's cores."""
+    """20 submissions cycling through full marks, the empty exercise, partial credit and an
+    answer that raises (hangs are timed elsewhere), graded with this machine's cores."""
     makers = [_solution, lambda: json.loads(EXERCISE.read_text()), CASES["partial_credit"][0],
               CASES["raises"][0]]
     paths = []
@@ -253,23 +340,74 @@ def test_class_of_twenty_grades_in_seconds(tmp_path):
     assert seconds < 60
 
 
+HIDDEN_CH00 = (
+    "from tlcourse.grading.checks.ch00 import *          # QUESTIONS and the public tests\n"
+    "from tlcourse.grading.spec import points\n"
+    "import torch\n\n"
+    "ANSWER_KEY = 'the hidden answer key is 42 and must stay hidden'\n\n"
+    "@points(5, visibility='after_due_date')\n"
+    "def test_q1_k_equals_classes(topk_predictions):\n"
+    "    \"\"\"works when k is the number of classes\"\"\"\n"
+    "    p, i = topk_predictions(torch.zeros(2, 4) + torch.arange(4.), 4)\n"
+    "    assert torch.equal(i[0], torch.tensor([3, 2, 1, 0]))\n\n"
+    "@points(2, visibility='after_due_date')\n"
+    "def test_q3_zero_maps_to_minus_one(normalize):\n"
+    "    \"\"\"maps 0 to -1\"\"\"\n"
+    "    assert torch.equal(normalize(torch.zeros(1, 3, 2, 2)), -torch.ones(1, 3, 2, 2))\n")
+
+
 def test_tests_folder_for_hidden_tests(tmp_path):
+    """The README's recipe (``from tlcourse.grading.checks.ch00 import *``): the reused public
+    tests are fresh copies the submission cannot patch; the tests folder's files never show
+    in learner-visible output; prints during hidden tests stay hidden."""
     hidden = tmp_path / "hidden"
     hidden.mkdir()
-    (hidden / "ch00.py").write_text(
-        "from tlcourse.grading.checks.ch00 import QUESTIONS, test_q1_shapes\n"
-        "from tlcourse.grading.spec import points\n"
-        "import torch\n\n"
-        "@points(5, visibility='after_due_date')\n"
-        "def test_q1_k_equals_classes(topk_predictions):\n"
-        "    \"\"\"works when k is the number of classes\"\"\"\n"
-        "    p, i = topk_predictions(torch.zeros(2, 4) + torch.arange(4.), 4)\n"
-        "    assert torch.equal(i[0], torch.tensor([3, 2, 1, 0]))\n", encoding="utf-8")
-    [sub] = grader.grade([SOLUTION], tests_dir=hidden, timeout=TIMEOUT)
-    assert sub.score == sub.max_score == 6
-    assert grader.gradescope(sub)["tests"][1]["visibility"] == "after_due_date"
+    (hidden / "ch00.py").write_text(HIDDEN_CH00, encoding="utf-8")
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    patching = _with_answer("q3", WRONG_NORMALIZE + (
+        "import tlcourse.grading.checks.ch00 as c\n"
+        "c.test_q3_lite0_range = c.test_q3_per_channel = c.test_q3_not_in_place = lambda normalize: None\n"))
+    leaking = _with_answer("q1", "import glob\nfor p in glob.glob(%r):\n    print(open(p).read())\n"
+                           % str(hidden / "*.py")
+                           + _answer("q1").replace("    # BEGIN SOLUTION",
+                                                   "    print('saw', tuple(logits.shape))\n    # BEGIN SOLUTION"))
+    paths = []
+    for name, nb in (("solution", _solution()), ("patching", patching), ("leaking", leaking)):
+        paths.append(subs / f"00_{name}.ipynb")
+        paths[-1].write_text(json.dumps(nb), encoding="utf-8")
+    solution, patched, leaked = grader.grade(paths, tests_dir=hidden, timeout=TIMEOUT, jobs=2)
+    assert solution.score == solution.max_score == 13 + 5 + 2, grader.details(solution)
+    assert [t["visibility"] for t in grader.gradescope(solution)["tests"]][3] == "after_due_date"
+    # Patching the public checks module changes nothing: q3 scores as WRONG_NORMALIZE does.
+    assert _scores(patched)["q3"] == 1, grader.details(patched)
+    # The learner printed the hidden tests file: no line of it reaches the learner.
+    report = json.dumps(grader.gradescope(leaked))
+    learner_visible = json.dumps([t for t in grader.gradescope(leaked)["tests"] if t["visibility"] == "visible"])
+    assert "hidden answer key" not in learner_visible and "test_q3_zero_maps" not in learner_visible
+    assert "not shown: a line of the grader's tests" in report
+    assert any("printed" in r and "tests folder" in r for r in leaked.review)
+    q1 = leaked.questions[0]
+    assert "saw (4, 10)" in q1.output and "saw (2, 4)" not in q1.output  # (2, 4): the hidden test's input
+    assert "saw (2, 4)" in q1.hidden_output
     with pytest.raises(grader.GradingError):
         grader.grade([SOLUTION], tests_dir=tmp_path / "nowhere")
+
+
+def test_total_timeout_caps_a_notebook(tmp_path):
+    """Every answer hangs: after --total-timeout seconds the rest is not run, and says why."""
+    nb = _solution()
+    for qid in ("q1", "q2", "q3", "q4"):
+        nb = _with_answer(qid, "while True:\n    pass\n", nb)
+    path = tmp_path / "00_hangs.ipynb"
+    path.write_text(json.dumps(nb), encoding="utf-8")
+    [sub] = grader.grade([path], timeout=2, total_timeout=3)
+    assert sub.score == 0
+    messages = {q.id: q.tests[0].message for q in sub.questions}
+    assert "took too long" in messages["q1"] and "took too long" in messages["q2"], messages
+    for qid in ("q3", "q4"):
+        assert "used up its total grading time" in messages[qid], messages
+    assert sub.seconds < 3 + sandbox.GRACE + 1, sub.seconds  # the budget, plus one hard-kill grace
 
 
 def test_exercises_are_up_to_date():
@@ -342,6 +480,18 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert main(["exercises", "build", "--solutions", str(ROOT / "solutions"),
                  "--exercises", str(tmp_path)]) == 0
     assert (tmp_path / EXERCISE.name).read_bytes() == EXERCISE.read_bytes()
+    assert main(["exercises", "check", "--solutions", str(tmp_path / "nowhere"),
+                 "--exercises", str(tmp_path)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["exercises", "build", "--solutions", str(tmp_path / "empty"), "--exercises", str(tmp_path / "x")]) == 1
+    assert "no solution notebooks" in capsys.readouterr().err
+    for bad in (["--timeout", "0"], ["--timeout", "-1"], ["--total-timeout", "0"], ["--jobs", "0"],
+                ["--timeout", "nan"], ["--jobs", "two"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["grade", str(SOLUTION), *bad])
+        assert exit_.value.code == 2
+        assert bad[0] in capsys.readouterr().err
     out = tmp_path / "r.json"
     assert main(["grade", str(SOLUTION), "--json", str(out), "--timeout", "5"]) == 0
     assert json.loads(out.read_text())["score"] == 13

@@ -29,6 +29,21 @@ cleared, cells tagged solution-only are dropped. `check` exits 1 when exercises/
 """
 
 
+def _positive(kind):
+    """An argparse type: a number > 0 of ``kind`` (float seconds, int jobs), else a clear error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not 0 < value < float("inf"):  # also rejects nan
+            raise argparse.ArgumentTypeError(f"must be a number greater than 0, not {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def add_commands(subparsers) -> None:
     """Add ``grade`` and ``exercises`` to an argparse subparsers object."""
     from tlcourse.grading import grader
@@ -42,11 +57,11 @@ def add_commands(subparsers) -> None:
     g.add_argument("--json", metavar="FILE", help="write results: Gradescope's results.json for one notebook, "
                    '{"submissions": [...]} for several')
     g.add_argument("--csv", metavar="FILE", help="write one row per submission")
-    g.add_argument("--timeout", type=float, default=grader.DEFAULT_TIMEOUT, metavar="S",
+    g.add_argument("--timeout", type=_positive(float), default=grader.DEFAULT_TIMEOUT, metavar="S",
                    help=f"seconds per question (default {grader.DEFAULT_TIMEOUT:g})")
-    g.add_argument("--total-timeout", type=float, default=grader.DEFAULT_TOTAL_TIMEOUT, metavar="S",
+    g.add_argument("--total-timeout", type=_positive(float), default=grader.DEFAULT_TOTAL_TIMEOUT, metavar="S",
                    help=f"seconds per notebook, all questions (default {grader.DEFAULT_TOTAL_TIMEOUT:g})")
-    g.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+    g.add_argument("--jobs", "-j", type=_positive(int), default=None, metavar="N",
                    help="notebooks graded in parallel (default: up to 4, one per core)")
     g.add_argument("--details", action=argparse.BooleanOptionalAction, default=None,
                    help="print per-test feedback (default: on for up to 5 notebooks)")
@@ -102,6 +117,11 @@ def exercises_command(args) -> int:
     from tlcourse.grading import exercises
 
     sol, ex = Path(args.solutions), Path(args.exercises)
+    if not sorted(sol.glob("[0-9][0-9]_*.ipynb")):
+        where = "does not exist" if not sol.is_dir() else "has no solution notebooks (NN_*.ipynb)"
+        print(f"tlcourse exercises: {sol} {where}; pass --solutions DIR (the folder of "
+              "solutions/NN_*.ipynb)", file=sys.stderr)
+        return 1
     try:
         if args.action == "build":
             changed = exercises.build(sol, ex)

@@ -3,15 +3,26 @@
 For question ``q`` the grader runs, in a fresh sandbox process:
 
 1. from every *other* code cell, only its top-level imports, ``def``/``class`` statements
-   and literal constants (so helpers and imports are there, but another cell's endless
-   loop or crash cannot cost this question), each one on its own;
+   and literal constants, each statement exactly (``import time; time.sleep(60)`` keeps
+   the import, not the sleep), so helpers and imports are there, but another cell's
+   endless loop or crash cannot cost this question;
 2. the answer cell(s) of ``q`` in full: cells whose metadata says ``tlcourse.question = q``,
    or, when the metadata was stripped, the last cell defining ``q``'s function.
 
-The audit flags code that reaches for the machinery (``sys``, frames, ``builtins``,
-``open``, ``setattr`` ...): such a submission is graded like any other, but marked for a
-human to look at, because code running in the same process as its tests could in principle
-fool them in ways the sandbox cannot see.
+Everything runs in notebook order, as in the learner's kernel: a function defined again in
+a cell *below* the question's cell (an answer written in a new cell under the untouched
+stub) is the one the tests see, just as ``check()`` sees it.
+
+Two static checks:
+
+- :func:`escape_hatches`: the code a question runs (its answer cell and the definitions
+  it runs with) uses a tool that could forge or hide a result from inside the process
+  (frames, ``gc``, ``ctypes``, ``inspect``, ``os._exit``, ``sys.modules``, ``builtins``,
+  ``exec`` ...). Such a question is not run at all: it scores 0 and is held for a teacher
+  to review. Plain ``import sys`` / ``os`` for harmless attributes (``sys.float_info``,
+  ``os.path``) is allowed.
+- :func:`audit`: wider and advisory (``open``, ``setattr``, unusual imports anywhere in the
+  notebook); such a submission is graded like any other, but marked for a human to look at.
 """
 
 from __future__ import annotations
@@ -40,6 +51,26 @@ SUSPICIOUS_ATTRS = {
     "__code__", "__builtins__", "__subclasses__", "__dict__", "__class__", "__bases__", "__mro__",
     "__loader__", "__spec__", "system", "popen", "kill",
 }
+# escape_hatches(): what makes a question "held for review" (scored 0, not run).
+HATCH_MODULES = {"gc", "ctypes", "_ctypes", "inspect", "builtins", "importlib", "traceback",
+                 "threading", "_thread", "signal", "multiprocessing", "subprocess", "pty",
+                 "faulthandler", "code", "codeop", "pdb", "bdb", "types", "marshal", "pickle",
+                 "dill", "cffi", "mmap", "posix", "_posixsubprocess", "socket", "sysconfig",
+                 "runpy", "atexit", "resource", "tracemalloc", "weakref", "tlcourse.grading.sandbox",
+                 "tlcourse.grading.runtime", "tlcourse.grading.grader"}
+SYS_OK = {"float_info", "int_info", "hash_info", "maxsize", "float_repr_style", "version",
+          "version_info", "platform", "byteorder", "implementation", "getsizeof",
+          "getrecursionlimit", "exit", "argv", "stdout", "stderr", "getdefaultencoding"}
+OS_OK = {"path", "sep", "linesep", "pathsep", "curdir", "getcwd", "listdir", "scandir", "walk",
+         "makedirs", "mkdir", "cpu_count", "getenv", "environ", "name", "fspath"}
+HATCH_ATTRS = {"_getframe", "_current_frames", "f_back", "f_locals", "f_globals", "f_builtins",
+               "f_code", "f_trace", "tb_frame", "tb_next", "gi_frame", "cr_frame", "ag_frame",
+               "__globals__", "__builtins__", "__closure__", "cell_contents", "__code__",
+               "__subclasses__", "__self__", "__dict__", "_exit", "__import__", "__loader__",
+               "__spec__", "__reduce__", "__reduce_ex__", "__getattribute__", "__traceback__",
+               "__func__", "__wrapped__"}
+HATCH_NAMES = {"exec", "eval", "compile", "__import__", "globals", "vars", "breakpoint",
+               "__builtins__", "__loader__", "__spec__"}
 ALLOWED_DUNDER_DEFS = {"__init__", "__repr__", "__str__", "__len__", "__getitem__", "__iter__", "__call__"}
 
 
@@ -60,6 +91,7 @@ class Program:
     snippets: list[Snippet] = field(default_factory=list)
     answer_found: bool = False
     notes: list[str] = field(default_factory=list)
+    hatches: list[str] = field(default_factory=list)  # non-empty: held for review, not run
 
 
 def load_notebook(path: str | Path) -> dict:
@@ -146,20 +178,30 @@ def build_program(nb: dict, question: str, spec: dict) -> Program:
                               f"{', '.join(str(c[0]) for c in answer)} (its question id was missing)")
     prog.answer_found = bool(answer)
     answer_numbers = {c[0] for c in answer}
-    for number, _cell, source in cells:
-        if number not in answer_numbers:
-            prog.snippets.extend(_definitions(number, source))
-    for number, _cell, source in sorted(answer, key=lambda c: c[0]):
-        prog.snippets.append(Snippet(f"<cell {number}>", source, essential=True))
+    last_answer = max(answer_numbers, default=0)
+    redefined = []
+    for number, _cell, source in cells:  # notebook order: the last definition wins, as in a kernel
+        if number in answer_numbers:
+            prog.snippets.append(Snippet(f"<cell {number}>", source, essential=True))
+            continue
+        snippets = _definitions(number, source)
+        prog.snippets.extend(snippets)
+        if number > last_answer and prog.answer_found:
+            redefined += [(number, fn) for fn in spec.get("functions", [])
+                          if any(_defines(s.source, fn) for s in snippets)]
+    for number, fn in redefined:
+        prog.notes.append(f"{question}: `{fn}` is defined again in cell {number}, below the question's "
+                          f"cell; that later definition is the one graded (as in your notebook)")
+    prog.hatches = program_hatches(prog.snippets, spec.get("functions", []))
     return prog
 
 
 def _definitions(number: int, source: str) -> list[Snippet]:
+    """Each top-level import/def/class/literal constant of a cell, exactly that statement."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
         return []
-    lines = source.splitlines()
     out = []
     for node in tree.body:
         keep = isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
@@ -167,13 +209,174 @@ def _definitions(number: int, source: str) -> list[Snippet]:
             try:
                 ast.literal_eval(node.value)
                 keep = True
-            except ValueError:
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 keep = False
         if keep:
-            start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-            text = "\n".join(lines[start - 1: node.end_lineno])
-            out.append(Snippet(f"<cell {number}>", "\n" * (start - 1) + text, essential=False))
+            decorators = getattr(node, "decorator_list", [])
+            # A decorator's '@' starts its line; a statement after ';' starts mid-line.
+            start = (decorators[0].lineno, 0) if decorators else (node.lineno, node.col_offset)
+            span = _Span(start[0], start[1], node.end_lineno, node.end_col_offset)
+            text = ast.get_source_segment(source, span)
+            if text is None:
+                continue
+            out.append(Snippet(f"<cell {number}>", "\n" * (start[0] - 1) + text, essential=False))
     return out
+
+
+@dataclass
+class _Span:  # what ast.get_source_segment reads from a node
+    lineno: int
+    col_offset: int
+    end_lineno: int
+    end_col_offset: int
+
+
+def escape_hatches(source: str) -> list[str]:
+    """Tools in ``source`` that could forge or hide a grading result from inside the
+    sandbox process (empty: none); see :func:`program_hatches`."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return []
+    return _scan([tree], *_module_aliases([tree]))
+
+
+def program_hatches(snippets: list[Snippet], functions=()) -> list[str]:
+    """Escape hatches in the code one question actually runs: its answer cell(s) in full,
+    and from the other cells what runs when they are defined (decorators, default values,
+    class bodies) plus every definition or import the answer (or the question's functions,
+    or those definitions) refers to by name, transitively. A helper in another cell that
+    nothing here calls does not hold this question. Conservative by design: a false alarm
+    costs a teacher a look; a miss costs a wrong grade."""
+    parsed = []
+    for snip in snippets:
+        try:
+            parsed.append((snip, ast.parse(snip.source)))
+        except (SyntaxError, ValueError, MemoryError, RecursionError):
+            continue  # does not run
+    binds: dict[str, list[int]] = {}
+    for i, (snip, tree) in enumerate(parsed):
+        for node in tree.body:
+            for name in _bound_names(node):
+                binds.setdefault(name, []).append(i)
+    chosen: set[int] = set()
+    parts: list[ast.AST] = []
+    names = set(functions)
+    for i, (snip, tree) in enumerate(parsed):
+        if snip.essential:
+            chosen.add(i)
+            parts.append(tree)
+        else:
+            for node in tree.body:  # runs at definition time, whatever is called later
+                parts += _definition_time(node)
+    todo = [n for part in parts for n in _names_in(part)] + list(names)
+    while todo:
+        name = todo.pop()
+        for i in binds.get(name, []):
+            if i not in chosen:
+                chosen.add(i)
+                parts.append(parsed[i][1])
+                todo += _names_in(parsed[i][1])
+    aliases = _module_aliases([tree for _, tree in parsed])
+    return _scan(parts, *aliases)
+
+
+def _bound_names(node) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return [(a.asname or a.name).split(".")[0] for a in node.names]
+    if isinstance(node, ast.Assign):
+        return [n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return []
+
+
+def _definition_time(node) -> list[ast.AST]:
+    if isinstance(node, ast.ClassDef):
+        return [node]  # the class body runs when the class is defined
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        a = node.args
+        return [*node.decorator_list, *a.defaults, *[d for d in a.kw_defaults if d is not None],
+                *[x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs) if x.annotation],
+                *([node.returns] if node.returns else [])]
+    return []
+
+
+def _names_in(node) -> list[str]:
+    return [n.id for n in ast.walk(node) if isinstance(n, ast.Name)]
+
+
+def _module_aliases(trees) -> tuple[set[str], set[str]]:
+    """Names bound to the ``sys`` and ``os`` modules anywhere in ``trees``."""
+    sys_names, os_names = set(), set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name == "sys":
+                        sys_names.add(a.asname or "sys")
+                    elif a.name == "os" or (a.name.startswith("os.") and a.asname is None):
+                        os_names.add(a.asname or "os")
+    return sys_names, os_names
+
+
+def _scan(trees, sys_names: set[str], os_names: set[str]) -> list[str]:
+    found: list[str] = []
+
+    def add(reason):
+        if reason not in found:
+            found.append(reason)
+
+    nodes = [n for tree in trees for n in ast.walk(tree)]
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if _hatch_module(a.name):
+                    add(f"imports {a.name}")
+                elif a.name.startswith("sys.") or (a.name.startswith("os.") and not a.name.startswith("os.path")):
+                    add(f"imports {a.name}")
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 0 and _hatch_module(module):
+                add(f"imports from {module}")
+            elif node.level == 0 and module in ("sys", "os"):
+                ok = SYS_OK if module == "sys" else OS_OK
+                for a in node.names:
+                    if a.name not in ok:
+                        add(f"uses {module}.{a.name}")
+            elif node.level == 0 and module.startswith("tlcourse.grading"):
+                for a in node.names:
+                    if _hatch_module(f"{module}.{a.name}"):
+                        add(f"imports {module}.{a.name}")
+        elif isinstance(node, ast.Attribute):
+            base = node.value.id if isinstance(node.value, ast.Name) else None
+            if base in sys_names and node.attr not in SYS_OK:
+                add(f"uses sys.{node.attr}")
+            elif base in os_names and node.attr not in OS_OK:
+                add(f"uses os.{node.attr}")
+            elif node.attr in HATCH_ATTRS:
+                add(f"uses .{node.attr}")
+        elif isinstance(node, ast.Name):
+            if node.id in HATCH_NAMES:
+                add(f"uses {node.id}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "setattr", "delattr", "hasattr") and len(node.args) > 1):
+            name = node.args[1]
+            if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
+                add(f"uses {node.func.id} with a computed name")
+            elif name.value in HATCH_ATTRS or name.value.startswith(("f_", "tb_", "gi_", "cr_")):
+                add(f"uses {node.func.id}(..., {name.value!r})")
+    # A bare reference to sys/os (passed around, getattr'd, vars()'d) hides what it reaches.
+    attr_bases = {id(n.value) for n in nodes if isinstance(n, ast.Attribute)}
+    for node in nodes:
+        if (isinstance(node, ast.Name) and node.id in sys_names | os_names
+                and isinstance(node.ctx, ast.Load) and id(node) not in attr_bases):
+            add(f"passes the `{node.id}` module around")
+    return found
+
+
+def _hatch_module(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in HATCH_MODULES)
 
 
 def audit(nb: dict) -> list[str]:
@@ -194,7 +397,9 @@ def audit(nb: dict) -> list[str]:
             elif isinstance(node, ast.Name) and node.id in SUSPICIOUS_NAMES:
                 found.add(f"uses `{node.id}`")
             elif isinstance(node, ast.Attribute) and node.attr in SUSPICIOUS_ATTRS:
-                found.add(f"uses `.{node.attr}`")
+                # model.modules() and torch.nn.modules are ordinary PyTorch; only sys.modules is not.
+                if node.attr != "modules" or ast.unparse(node.value).split(".")[-1] == "sys":
+                    found.add(f"uses `.{node.attr}`")
             elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
                   and len(node.args) > 1 and not isinstance(node.args[1], ast.Constant)):
                 found.add("uses getattr with a computed name")

@@ -53,7 +53,8 @@ class QuestionResult:
     id: str
     title: str
     tests: list[TestResult]
-    output: str = ""
+    output: str = ""          # what the code printed, outside tests that are not "visible"
+    hidden_output: str = ""   # what it printed while hidden/after_due_date tests ran
     seconds: float = 0.0
 
     @property
@@ -97,10 +98,25 @@ class Suite:
     path: Path
     source: str
     spec: dict | None = None
+    secret_lines: set[str] = field(default_factory=set)
 
     @classmethod
     def read(cls, chapter: str, path: Path) -> "Suite":
         return cls(chapter, path, path.read_text(encoding="utf-8"))
+
+    def tests_lines(self) -> set[str]:
+        """Lines of the tests folder's files (the suite and the modules beside it), which
+        learner output must not echo; empty for the public checks, which are public."""
+        if self.path.parent == PACKAGE_CHECKS:
+            return set()
+        texts = [self.source]
+        for other in sorted(self.path.parent.glob("*")):
+            if other != self.path and other.is_file() and other.stat().st_size < (1 << 20):
+                try:
+                    texts.append(other.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError):
+                    pass
+        return {line.strip() for text in texts for line in text.splitlines() if len(line.strip()) >= 8}
 
     def changed_on_disk(self) -> bool:
         try:
@@ -200,12 +216,27 @@ def find_suites(tests_dir: str | Path | None) -> dict[str, Path]:
     return found
 
 
+def public_checks_sources() -> dict[str, list[str]]:
+    """module name -> [file, source] of ``tlcourse.grading.checks`` and its modules, read
+    once: the sandbox loads these (not the live modules) when hidden tests import them."""
+    out = {}
+    for path in sorted(PACKAGE_CHECKS.glob("*.py")):
+        name = "tlcourse.grading.checks" + ("" if path.stem == "__init__" else f".{path.stem}")
+        out[name] = [str(path), path.read_text(encoding="utf-8")]
+    return out
+
+
 def grade(paths, tests_dir=None, chapter=None, timeout=DEFAULT_TIMEOUT,
           total_timeout=DEFAULT_TOTAL_TIMEOUT, jobs=None, max_output=DEFAULT_MAX_OUTPUT,
           memory_mb=DEFAULT_MEMORY_MB, progress=None) -> list[Submission]:
     """Grade every notebook in ``paths``; never raises for a bad submission."""
     if not hasattr(os, "fork"):
         raise GradingError("tlcourse grade needs a POSIX system (Linux, macOS, WSL)")
+    for name, value in (("timeout", timeout), ("total_timeout", total_timeout)):
+        if not float(value) > 0:
+            raise GradingError(f"{name} must be a positive number of seconds, not {value}")
+    if jobs is not None and int(jobs) < 1:
+        raise GradingError(f"jobs must be at least 1, not {jobs}")
     available = find_suites(tests_dir)
     suites: dict[str, Suite] = {}
     paths = [str(p) for p in paths]
@@ -216,7 +247,7 @@ def grade(paths, tests_dir=None, chapter=None, timeout=DEFAULT_TIMEOUT,
     results: list[Submission | None] = [None] * len(paths)
     lock = threading.Lock()
     opts = dict(timeout=float(timeout), total_timeout=float(total_timeout),
-                max_output=int(max_output), memory_mb=int(memory_mb))
+                max_output=int(max_output), memory_mb=int(memory_mb), modules=public_checks_sources())
 
     def suite_for(ch: str, sandbox: Sandbox) -> Suite:
         with lock:
@@ -229,6 +260,7 @@ def grade(paths, tests_dir=None, chapter=None, timeout=DEFAULT_TIMEOUT,
             if not reply or "fatal" in reply:
                 raise GradingError(f"the tests in {suite.path} could not be loaded: "
                                    f"{(reply or {}).get('fatal', 'sandbox failure')}")
+            suite.secret_lines = suite.tests_lines()
             suite.spec = reply
         return suite
 
@@ -311,13 +343,20 @@ def _grade_one(path, chapter_override, available, suite_for, sandbox, opts) -> S
             msg = (f"no answer found for {qid}: no code cell is marked as question {qid} or defines "
                    f"{names}. Was the cell deleted, or the function renamed?")
             q.tests = [_failed(t, msg) for t in tests]
+        elif prog.hatches:
+            # Code that can reach the grader's own frames or process could forge a pass:
+            # it is not run, and a person decides.
+            why = "; ".join(prog.hatches[:4]) + (" ..." if len(prog.hatches) > 4 else "")
+            msg = f"held for review: uses {_uses(prog.hatches)}; a teacher must look at it (scored 0 for now)"
+            q.tests = [_failed(t, msg) for t in tests]
+            sub.review.append(f"{qid}: held for review, not run ({why})")
         elif left <= 0:
             q.tests = [_failed(t, "not graded: this notebook used up its total grading time") for t in tests]
         else:
             limit = min(opts["timeout"], left)
             job = {"kind": "run", "question": qid, "tests_source": suite.source,
                    "tests_file": str(suite.path), "timeout": limit, "max_output": opts["max_output"],
-                   "memory_mb": opts["memory_mb"],
+                   "memory_mb": opts["memory_mb"], "modules": opts["modules"],
                    "snippets": [vars(s) for s in prog.snippets]}
             reply = sandbox.request(job, timeout=limit + 30)
             if not reply or "fatal" in reply:
@@ -332,13 +371,41 @@ def _grade_one(path, chapter_override, available, suite_for, sandbox, opts) -> S
                 q.seconds = reply["seconds"]
                 if reply["tamper"]:
                     sub.review.append(f"{qid}: changed the grading environment ({reply['tamper']})")
-                if reply["output_bytes"]:
-                    shown = reply["output"]
-                    more = reply["output_bytes"] - len(shown.encode())
-                    q.output = shown + (f"\n… ({more} more bytes not shown)" if more > 0 else "")
+                for key, attr in (("output", "output"), ("hidden_output", "hidden_output")):
+                    if reply.get(f"{key}_bytes"):
+                        shown, scrubbed = _scrub(reply[key], suite.secret_lines)
+                        more = reply[f"{key}_bytes"] - len(reply[key].encode())
+                        setattr(q, attr, shown + (f"\n… ({more} more bytes not shown)" if more > 0 else ""))
+                        if scrubbed:
+                            sub.review.append(f"{qid}: printed {scrubbed} line(s) of the tests folder's "
+                                              "files (not shown to the learner)")
         sub.questions.append(q)
     sub.seconds = time.monotonic() - started
     return sub
+
+
+def _uses(hatches: list[str]) -> str:
+    """``["uses sys._getframe", "imports gc"]`` -> "sys._getframe, gc" for a message."""
+    names = [h.split(" ", 1)[-1] if h.startswith(("uses ", "imports ")) else h for h in hatches[:3]]
+    return ", ".join(names) + (" ..." if len(hatches) > 3 else "")
+
+
+def _scrub(output: str, secret: set[str]) -> tuple[str, int]:
+    """``output`` with every line that repeats a line of the tests folder's files replaced."""
+    if not secret:
+        return output, 0
+    lines, n = [], 0
+    parts = output.split("\n")
+    for i, line in enumerate(parts):
+        stripped = line.strip()
+        cut = i == len(parts) - 1 and len(stripped) >= 8  # the capture may end mid-line
+        if (stripped in secret or any(len(s) >= 20 and s in line for s in secret if len(s) <= len(line))
+                or (cut and any(s.startswith(stripped) for s in secret))):
+            lines.append("[not shown: a line of the grader's tests]")
+            n += 1
+        else:
+            lines.append(line)
+    return "\n".join(lines), n
 
 
 def _failed(test: dict, message: str) -> TestResult:
@@ -409,10 +476,18 @@ def gradescope(sub: Submission) -> dict:
     """One submission in Gradescope's ``results.json`` schema."""
     tests = []
     for q in sub.questions:
-        for i, t in enumerate(q.tests):
+        # Printed output goes with one test: the learner's own prints with the first failed
+        # visible test (else the first visible one); what was printed during hidden tests
+        # with the first hidden test, which the learner does not see.
+        visible = [t for t in q.tests if t.visibility == "visible"]
+        hidden = [t for t in q.tests if t.visibility != "visible"]
+        show_at = next((t for t in visible if not t.passed), (visible or q.tests or [None])[0])
+        for t in q.tests:
             output = "passed" if t.passed else t.message
-            if not t.passed and q.output and i == next(j for j, u in enumerate(q.tests) if not u.passed):
+            if q.output and t is show_at:
                 output += f"\n\nYour code printed:\n{q.output}"
+            if q.hidden_output and hidden and t is hidden[0]:
+                output += f"\n\nYour code printed during the hidden checks:\n{q.hidden_output}"
             tests.append({"name": f"{q.id} ({q.title}): {t.doc}", "score": t.score,
                           "max_score": t.points, "status": "passed" if t.passed else "failed",
                           "visibility": t.visibility, "output": output})

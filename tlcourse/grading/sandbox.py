@@ -13,16 +13,24 @@ Why this shape:
   count as failures.
 - **Tests load after the learner's code**, fresh from source, into a module object the
   learner's code never saw, with every reference the child needs captured beforehand.
+  The public checks modules (``tlcourse.grading.checks.*``, which hidden tests reuse with
+  ``from tlcourse.grading.checks.ch00 import *``) are dropped from ``sys.modules`` and
+  re-created from the source text the grader read at start, so a patch the learner's code
+  made to them (or to the files on disk) reaches no test.
 - **Integrity checks.** Before learner code runs, the zygote snapshots ``builtins``,
   torch, ``torch.Tensor``, ``nn.Module`` and the grading modules; after the answer cell and
   after every test the child compares. Any monkeypatch scores the question 0 and says so.
 - **Limits.** Per-test soft timeout (``SIGALRM``), per-question hard kill of the child's
   process group, capped output capture, file-size and core-dump limits, a fresh temporary
   working directory.
+- **Output.** What the learner's code prints is captured (and flushed before the child
+  exits); what it prints while a test that is not ``visible`` runs goes to a separate
+  capture, so hidden tests' inputs do not show up in learner-visible feedback.
 
 What it cannot promise: learner code runs in the same process as its tests, so a
-determined attacker who walks interpreter frames could in principle forge a result; the
-static audit in :mod:`tlcourse.grading.extract` flags the tools such an attack needs.
+determined attacker who walks interpreter frames could in principle forge a result. The
+grader therefore does not run a question whose code uses the tools such an attack needs
+(:func:`tlcourse.grading.extract.escape_hatches`): it scores 0 and is held for review.
 POSIX only (``fork``); run ``python -m tlcourse.grading.sandbox`` is what the grader does.
 """
 
@@ -43,6 +51,7 @@ import time
 from tlcourse.grading import runtime
 
 GRACE = 2.0  # seconds between the soft timeout inside the child and the hard kill
+CHECKS = "tlcourse.grading.checks"
 MAX_RESULT_BYTES = 1 << 20
 
 
@@ -98,12 +107,48 @@ def compare_snapshot(snapshot) -> list[str]:
 
 # --- the child: runs learner code, then the tests -------------------------------------
 
-def _child(job, nonce, res_fd, out_fd, snapshot, workdir):
+class _Sources:
+    """Meta-path finder and loader: ``tlcourse.grading.checks`` and its modules, fresh from
+    source text read at start (never the live modules the learner's code could patch,
+    never the files on disk the learner's code could rewrite)."""
+
+    def __init__(self, modules: dict, spec_from_loader):
+        self.modules = {name: (str(f), str(src)) for name, (f, src) in modules.items()}
+        self.spec_from_loader = spec_from_loader
+
+    def find_spec(self, name, path=None, target=None):
+        if name == CHECKS or name in self.modules:
+            origin = self.modules.get(name, ("<checks>", ""))[0]
+            return self.spec_from_loader(name, self, origin=origin, is_package=name == CHECKS)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        filename, source = self.modules.get(module.__name__, ("<checks>", ""))
+        module.__file__ = filename
+        exec(compile(source, filename, "exec", dont_inherit=True), module.__dict__)
+
+
+def _child(job, nonce, res_fd, out_fd, hid_fd, snapshot, workdir):
     # Capture everything the child needs *before* learner code can patch anything.
-    write, dumps, monotonic = os.write, json.dumps, time.monotonic
+    import importlib.util
+
+    write, dumps, monotonic, dup2 = os.write, json.dumps, time.monotonic, os.dup2
     setitimer, ITIMER_REAL = signal.setitimer, signal.ITIMER_REAL
     run_test, collect, compare = runtime.run_test, runtime.collect, compare_snapshot
     threading_count = _thread_count
+    modules, meta_path = sys.modules, sys.meta_path
+    fresh_checks = _Sources(job.get("modules") or {}, importlib.util.spec_from_loader)
+    streams = (sys.stdout, sys.stderr)
+
+    def flush():
+        for stream in streams:
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 - a closed or broken stream: nothing to save
+                pass
 
     def report(**msg):
         msg["nonce"] = nonce
@@ -118,7 +163,7 @@ def _child(job, nonce, res_fd, out_fd, snapshot, workdir):
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
     for fd in _open_fds():
-        if fd > 2 and fd != res_fd:
+        if fd > 2 and fd not in (res_fd, out_fd, hid_fd):
             try:
                 os.close(fd)
             except OSError:
@@ -159,6 +204,12 @@ def _child(job, nonce, res_fd, out_fd, snapshot, workdir):
     if changed:
         report(kind="tamper", detail=", ".join(changed[:5]))
         return
+    flush()
+    # Public checks reused by hidden tests: fresh copies, not what the learner's code saw.
+    for name in [n for n in list(modules) if n == CHECKS or n.startswith(CHECKS + ".")]:
+        modules.pop(name, None)
+    if fresh_checks not in meta_path:
+        meta_path.insert(0, fresh_checks)
     tests_globals = {"__name__": "_tlcourse_tests_" + nonce[:12], "__file__": job["tests_file"]}
     try:
         exec(compile(job["tests_source"], job["tests_file"], "exec", dont_inherit=True), tests_globals)
@@ -171,6 +222,11 @@ def _child(job, nonce, res_fd, out_fd, snapshot, workdir):
         if left <= 0:
             report(kind="test", name=test.name, passed=False, message="not run: the time for this question ran out")
             continue
+        hidden = test.visibility != "visible"
+        if hidden:  # what the code prints during a hidden test goes to the hidden capture
+            flush()
+            dup2(hid_fd, 1)
+            dup2(hid_fd, 2)
         setitimer(ITIMER_REAL, left)
         try:
             passed, message = run_test(test, ns, job["tests_file"])
@@ -178,6 +234,10 @@ def _child(job, nonce, res_fd, out_fd, snapshot, workdir):
             passed, message = False, "your code raised KeyboardInterrupt"
         finally:
             setitimer(ITIMER_REAL, 0)
+            if hidden:
+                flush()
+                dup2(out_fd, 1)
+                dup2(out_fd, 2)
         changed = compare(snapshot)
         if changed:
             report(kind="tamper", detail=", ".join(changed[:5]))
@@ -253,6 +313,7 @@ def run_job(job, snapshot) -> dict:
     nonce = secrets.token_hex(16)
     res_r, res_w = os.pipe()
     out_r, out_w = os.pipe()
+    hid_r, hid_w = os.pipe()
     workdir = tempfile.mkdtemp(prefix="tlcourse-grade-")
     sys.stdout.flush()
     sys.stderr.flush()
@@ -261,12 +322,20 @@ def run_job(job, snapshot) -> dict:
         try:
             os.close(res_r)
             os.close(out_r)
-            _child(job, nonce, res_w, out_w, snapshot, workdir)
+            os.close(hid_r)
+            _child(job, nonce, res_w, out_w, hid_w, snapshot, workdir)
         finally:
+            for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+                try:  # short prints sit in the buffer: os._exit would drop them
+                    stream.flush()
+                except BaseException:  # noqa: BLE001
+                    pass
             os._exit(0)
     os.close(res_w)
     os.close(out_w)
-    results, output, output_bytes, status, exit_code = _collect(pid, res_r, out_r, job, started)
+    os.close(hid_w)
+    results, outputs, status, exit_code = _collect(pid, res_r, (out_r, hid_r), job, started)
+    (output, output_bytes), (hidden_output, hidden_bytes) = outputs
     shutil.rmtree(workdir, ignore_errors=True)
 
     reported, errors, tamper, ended, forged = {}, [], None, False, False
@@ -315,17 +384,21 @@ def run_job(job, snapshot) -> dict:
         out.append({"name": t.name, "passed": passed, "message": message})
     return {"tests": out, "errors": errors, "tamper": tamper, "status": status,
             "output": output, "output_bytes": output_bytes,
+            "hidden_output": hidden_output, "hidden_output_bytes": hidden_bytes,
             "seconds": round(time.monotonic() - started, 3)}
 
 
-def _collect(pid, res_r, out_r, job, started):
+def _collect(pid, res_r, out_fds, job, started):
+    """Read the result channel and the output captures until the child is done; the
+    results text, ``[(output, bytes printed)]`` per capture, status and exit code."""
     max_out = int(job.get("max_output", 4000))
     deadline = started + job["timeout"] + GRACE
     sel = selectors.DefaultSelector()
-    for fd in (res_r, out_r):
+    for fd in (res_r, *out_fds):
         os.set_blocking(fd, False)
         sel.register(fd, selectors.EVENT_READ)
-    results, output, output_bytes = bytearray(), bytearray(), 0
+    results = bytearray()
+    outputs = {fd: [bytearray(), 0] for fd in out_fds}
     status, exit_code, exited_at = "ok", "exit code ?", None
     while sel.get_map():
         now = time.monotonic()
@@ -351,9 +424,10 @@ def _collect(pid, res_r, out_r, job, started):
                 if len(results) < MAX_RESULT_BYTES:
                     results += chunk
             else:
-                output_bytes += len(chunk)
-                if len(output) < max_out:
-                    output += chunk[: max_out - len(output)]
+                captured = outputs[key.fd]
+                captured[1] += len(chunk)
+                if len(captured[0]) < max_out:
+                    captured[0] += chunk[: max_out - len(captured[0])]
     if exited_at is None:
         _kill_group(pid)
         try:
@@ -363,9 +437,11 @@ def _collect(pid, res_r, out_r, job, started):
         _, code = os.waitpid(pid, 0)
         exit_code = _describe_exit(code)
     sel.close()
-    os.close(res_r)
-    os.close(out_r)
-    return results.decode("utf-8", "replace"), output.decode("utf-8", "replace"), output_bytes, status, exit_code
+    for fd in (res_r, *out_fds):
+        os.close(fd)
+    return (results.decode("utf-8", "replace"),
+            [(outputs[fd][0].decode("utf-8", "replace"), outputs[fd][1]) for fd in out_fds],
+            status, exit_code)
 
 
 def _kill_group(pid):
@@ -387,6 +463,10 @@ def main() -> None:
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     import torch
+    # The first optimizer built in a process imports torch._dynamo, which rebinds
+    # torch.manual_seed; import it before the snapshot so building an optimizer in an
+    # answer or a check is not mistaken for tampering.
+    import torch._dynamo  # noqa: F401
 
     torch.set_num_threads(1)  # several sandboxes share the cores; children fork after this
     snapshot = take_snapshot()

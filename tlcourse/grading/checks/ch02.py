@@ -9,7 +9,6 @@ alone (e.g. in a hidden-tests folder). Format: :mod:`tlcourse.grading.spec`.
 """
 
 import math
-import sys
 
 import torch
 from torch import nn
@@ -217,13 +216,10 @@ def test_q2_optimizer_accepts(layerwise_param_groups):
                        "model.classifier only), never from model.parameters()")
     for i, g in enumerate(groups):
         assert type(g["lr"]) in (float, int) and g["lr"] >= 0, f"group {i}'s 'lr' should be a number >= 0, not {g['lr']!r}"
-    if "torch._dynamo" in sys.modules:
-        # The first optimizer built in a process imports torch._dynamo, which rebinds
-        # torch.manual_seed; the sandbox would take that for tampering unless it was imported before.
-        try:
-            torch.optim.AdamW(groups, lr=1.0)
-        except (ValueError, TypeError) as exc:
-            raise AssertionError(f"torch.optim.AdamW(groups) refused the groups: {exc}") from None
+    try:
+        torch.optim.AdamW(groups, lr=1.0)
+    except (ValueError, TypeError) as exc:
+        raise AssertionError(f"torch.optim.AdamW(groups) refused the groups: {exc}") from None
 
 
 @points(2)
