@@ -215,9 +215,13 @@ def test_run_strategy_measures_and_tables():
     assert "| head |" in ft.results_markdown([result, gradual])
 
 
-def test_lfw_fallback_split():
-    train_set, val_set = ft.lfw_fallback(short_side=40, train_per_class=10)
-    assert len(train_set) == 20 and len(val_set) == 180
-    assert sorted(set(train_set.labels)) == [0, 1] and train_set.labels.count(1) == 10
+def test_predecoded_from_dataset_lfw_fallback():
+    from tlcourse import datasets
+
+    train_set = ft.PreDecoded.from_dataset(datasets.lfw_faces("train"), short_side=40)
+    val_set = ft.PreDecoded.from_dataset(datasets.lfw_faces("val"), short_side=40)
+    assert len(train_set) == 100 and len(val_set) == 100
+    assert train_set.classes == ["non-face", "face"] and train_set.labels.count(1) == 50
     x, _ = train_set.with_transform(ft.train_transform(32))[0]
-    assert train_set.images[0].shape == (3, 40, 40) and x.shape == (3, 32, 32)
+    assert train_set.images[0].shape == (3, 40, 40) and train_set.images[0].dtype == torch.uint8
+    assert x.shape == (3, 32, 32)

@@ -334,6 +334,19 @@ class PreDecoded(Dataset):
         return cls([decode(p, short_side) for p in paths], labels, classes, transform)
 
     @classmethod
+    def from_dataset(cls, dataset, short_side: int = 256, transform: Callable | None = None) -> "PreDecoded":
+        """From any dataset whose items are ``(PIL image, label)`` and that has ``.classes``,
+        e.g. :func:`tlcourse.datasets.lfw_faces` (the offline fallback for hymenoptera)."""
+        import torchvision.transforms.v2.functional as TF
+
+        images, labels = [], []
+        for img, y in dataset:
+            x = TF.pil_to_tensor(img.convert("RGB"))
+            images.append(TF.resize(x, short_side, interpolation=TF.InterpolationMode.BICUBIC, antialias=True))
+            labels.append(y)
+        return cls(images, labels, dataset.classes, transform)
+
+    @classmethod
     def from_folder(cls, dataset, short_side: int = 256, transform: Callable | None = None) -> "PreDecoded":
         """From an ImageFolder-like dataset (``.samples`` of ``(path, label)``, ``.classes``)."""
         paths, labels = zip(*dataset.samples)
@@ -383,33 +396,6 @@ def eval_transform(size: int, mean: Sequence[float] = (0.5,) * 3, std: Sequence[
 def short_side_for(size: int) -> int:
     """The decode size whose centre crop is ``size`` (ImageNet's 224/256 ratio)."""
     return int(math.ceil(size / 0.875))
-
-
-def lfw_fallback(short_side: int, train_per_class: int = 50, seed: int = 0) -> tuple[PreDecoded, PreDecoded]:
-    """Offline stand-in for hymenoptera: scikit-image's faces vs non-faces (``lfw_subset``).
-
-    The 25x25 grey crops are upsampled to ``short_side`` and repeated to 3 channels (an
-    ImageNet backbone expects RGB); ``train_per_class`` images per class train, the rest
-    validate. Returns ``(train, val)`` with classes ``["non-face", "face"]`` and no transform.
-    """
-    import torchvision.transforms.v2.functional as TF
-
-    from . import datasets
-
-    X, y = datasets.lfw_subset()
-    g = torch.Generator().manual_seed(seed)
-    images = torch.from_numpy(X).mul(255).round().to(torch.uint8)[:, None].expand(-1, 3, -1, -1)
-    images = TF.resize(images, [short_side, short_side], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    labels = torch.from_numpy(y)
-    train_idx, val_idx = [], []
-    for c in (0, 1):
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        train_idx += idx[:train_per_class].tolist()
-        val_idx += idx[train_per_class:].tolist()
-    classes = ["non-face", "face"]
-    return (PreDecoded([images[i] for i in train_idx], labels[train_idx].tolist(), classes),
-            PreDecoded([images[i] for i in val_idx], labels[val_idx].tolist(), classes))
 
 
 # ----------------------------------------------------------------------------- forgetting
