@@ -21,7 +21,7 @@ def run(*args, env=None, timeout=300):
                           env=full_env, timeout=timeout, cwd=ROOT)
 
 
-@pytest.mark.parametrize("command", ["env", "data", "predict", "run", "results", "grade", "exercises"])
+@pytest.mark.parametrize("command", ["env", "data", "predict", "run", "results", "grade", "exercises", "bench"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
@@ -154,3 +154,30 @@ def test_run_reports_a_cell_timeout(tmp_path):
     out = run("run", str(slow), "--timeout", "3", "--out", str(tmp_path / "build"), timeout=120)
     assert out.returncode == 1
     assert "longer than the 3 s limit" in out.stderr and "time.sleep(60)" in out.stderr
+
+
+def test_bench_da_prints_table_and_writes_json(tmp_path):
+    out = tmp_path / "da.json"
+    res = run("bench", "da", "--profile", "quick", "--steps", "3", "--seeds", "2", "--methods", "source_only,adabn",
+              "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "digits -> digits_m" in res.stdout and "| source_only |" in res.stdout and "| target_oracle |" in res.stdout
+    report = json.loads(out.read_text())
+    pair = report["pairs"][0]
+    assert (pair["source"], pair["target"], pair["size"]) == ("digits", "digits_m", 16)
+    assert [r["method"] for r in pair["runs"]] == ["source_only"] * 2 + ["adabn"] * 2 + ["target_oracle"] * 2
+    assert {s["method"] for s in pair["summary"]} == {"source_only", "adabn", "target_oracle"}
+    assert all(0 <= r["target_acc"] <= 1 for r in pair["runs"]) and pair["config"]["steps"] == 3
+
+
+def test_bench_da_bad_input(tmp_path):
+    res = run("bench", "da", "--methods", "cdan", "--steps", "1")
+    assert res.returncode == 2 and "unknown method" in res.stderr and "dann" in res.stderr
+    res = run("bench", "da", "--pair", "digits")
+    assert res.returncode == 2 and "SOURCE:TARGET" in res.stderr
+    res = run("bench", "da", "--pair", "digits:mnist_n", "--steps", "1")
+    assert res.returncode == 2 and "No digit domain named 'mnist_n'" in res.stderr
+    # An online pair whose data is missing: the registry's explanation, not a traceback.
+    res = run("bench", "da", "--pair", "mnist:usps", "--steps", "1", "--seeds", "1", "--no-download",
+              env={"TLCOURSE_DATA": str(tmp_path)})
+    assert res.returncode == 2 and "TLCOURSE_DATA" in res.stderr and "Traceback" not in res.stderr

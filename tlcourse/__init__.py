@@ -7,6 +7,10 @@ The notebooks tell the story; these small modules keep the code they share:
 - :mod:`tlcourse.datasets` the dataset registry, image folders, bundled datasets
 - :mod:`tlcourse.models`   pretrained backbones (offline EfficientNet-Lite0), ImageNet labels
 - :mod:`tlcourse.train`    the training / evaluation loop every chapter uses
+- :mod:`tlcourse.features` feature extraction, caching, linear probes (chapter 01)
+- :mod:`tlcourse.finetune` layer groups, unfreezing, layer-wise LRs, BatchNorm helpers (chapter 02)
+- :mod:`tlcourse.digits`   digit domains: SynDigits, scikit-learn digits, MNIST-M-style blends (chapter 03)
+- :mod:`tlcourse.adapt`    domain adaptation: DANN, CORAL, MMD, AdaBN, self-training, benchmark (chapter 03)
 - :mod:`tlcourse.viz`      learning curves and image grids
 - :mod:`tlcourse.notebooks` headless notebook execution, Colab badges and setup cells
 - :mod:`tlcourse.cli`      the ``tlcourse`` command

@@ -306,6 +306,43 @@ def _cmd_results(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    import dataclasses
+
+    from tlcourse import adapt, datasets, env
+
+    preset = adapt.BENCH_PROFILES[args.profile or env.profile()]
+    pairs = [tuple(p.split(":", 1)) for p in args.pair] if args.pair else list(preset["pairs"])
+    if any(len(p) != 2 for p in pairs):
+        print("tlcourse bench da: --pair takes SOURCE:TARGET, e.g. digits:digits_m", file=sys.stderr)
+        return 2
+    config = dataclasses.replace(preset["config"], **{k: v for k, v in (("steps", args.steps),) if v})
+    size = args.size or preset["size"]
+    device = env.device(args.device)
+    methods = args.methods.split(",") if args.methods else list(adapt.METHODS)
+    report = {"profile": args.profile or env.profile(), "pairs": []}
+    for source, target in pairs:
+        print(f"{source} -> {target}: {', '.join(methods)} x {args.seeds} seeds, {config.steps} steps, "
+              f"{size} px, {device}", flush=True)
+        try:
+            result = adapt.bench_pair(source, target, methods, range(args.seeds), config, size,
+                                      args.limit or preset["limit"], device, download=not args.no_download)
+        except (ValueError, datasets.DatasetUnavailable) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        report["pairs"].append(result)
+        print(adapt.summary_markdown(result["summary"]))
+        if result["published"]:
+            pub = result["published"]
+            print("published (" + pub["source"] + "): " + ", ".join(f"{k} {v}" for k, v in pub.items() if k != "source"))
+        print(f"{result['seconds']:.0f} s\n", flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlcourse", description="Tools of the tlcourse transfer-learning course.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -368,6 +405,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="results folder (default build/results)")
     p.add_argument("--write", action="store_true", help="update README.md")
     p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser("bench", help="reproducible benchmarks (da: chapter 03's domain adaptation)",
+                       description="Run every domain-adaptation method over several seeds on digit domain pairs "
+                                   "and print target accuracy mean ± std (with the target oracle and, for the "
+                                   "anchor pairs, the published numbers). Defaults follow the profile: quick = "
+                                   "the offline digits -> digits_m pair on a CPU; full = MNIST/USPS/SVHN/MNIST-M "
+                                   "(downloaded once, checksummed), meant for a GPU.")
+    p.add_argument("suite", choices=["da"], help="which benchmark (da: domain adaptation)")
+    p.add_argument("--pair", action="append", metavar="SOURCE:TARGET",
+                   help="a domain pair (repeatable); names from tlcourse.digits.DOMAINS")
+    p.add_argument("--methods", help="comma-separated subset of " + ",".join(
+        ("source_only", "dann", "coral", "mmd", "adabn", "self_training")))
+    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per method (default 3)")
+    p.add_argument("--steps", type=_positive_int, help="training steps per run (default: the profile's)")
+    p.add_argument("--size", type=_positive_int, help="image side in pixels (default: the profile's)")
+    p.add_argument("--limit", type=_positive_int, help="at most this many images per split of an online domain")
+    p.add_argument("--profile", choices=["quick", "full"], help="default: TLCOURSE_PROFILE (quick on a CPU)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
+    p.add_argument("--json", metavar="FILE", help="also write runs and summary as JSON")
+    p.set_defaults(func=_cmd_bench)
 
     from tlcourse.grading.commands import add_commands  # grade, exercises
 

@@ -172,3 +172,13 @@ def update_readme(readme: str | Path | None = None, results_dir: str | Path | No
     _, tail = rest.split(RESULTS_END, 1)
     readme.write_text(f"{head}{RESULTS_START}\n{results_table(results_dir)}\n{RESULTS_END}{tail}")
     return readme
+
+
+def show_source(obj):
+    """Display the source code of a tlcourse function or class in a notebook (syntax-coloured),
+    so a chapter can show the package's code instead of redefining it."""
+    import inspect
+
+    from IPython.display import Code
+
+    return Code(inspect.getsource(obj), language="python")

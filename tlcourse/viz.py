@@ -116,3 +116,29 @@ def draw_pipeline(stages: Sequence[tuple[str, str]], ax=None, title: str | None 
     if title:
         ax.set_title(title, fontsize=10)
     return ax
+
+
+def plot_domains(embedding: np.ndarray, labels: Sequence[int], is_target: Sequence[bool], ax=None,
+                 title: str | None = None, classes: Sequence[str] | None = None):
+    """A 2-D embedding ``[N, 2]`` (t-SNE, PCA) of two domains: colour = class, marker = domain
+    (dots: source, crosses: target). Returns the axes."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4))
+    labels, is_target = np.asarray(labels), np.asarray(is_target, dtype=bool)
+    cmap = plt.get_cmap("tab10")
+    for domain, marker, name in ((False, "o", "source"), (True, "x", "target")):
+        sel = is_target == domain
+        ax.scatter(*embedding[sel].T, c=[cmap(int(c) % 10) for c in labels[sel]], marker=marker,
+                   s=10 if marker == "o" else 14, lw=0.8, alpha=0.6, label=name)
+    if classes is not None:
+        for c, name in enumerate(classes):  # class colours, placed at each class's centre
+            centre = np.median(embedding[labels == c], axis=0)
+            ax.annotate(name, centre, fontsize=11, weight="bold", color=cmap(c % 10), ha="center")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    leg = ax.legend(loc="lower right", fontsize=8)
+    for handle in leg.legend_handles:
+        handle.set_color("grey")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax

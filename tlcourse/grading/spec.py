@@ -77,6 +77,18 @@ def expect_int(value, what: str = "the result") -> int:
     return value
 
 
+def expect_float(value, what: str = "the result") -> float:
+    """``value`` as a Python float (an int, a 0-d floating tensor or a numpy scalar is accepted)."""
+    import torch
+
+    if type(value) is torch.Tensor and value.ndim == 0 and value.is_floating_point():
+        return float(value.item())
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()
+    assert type(value) in (float, int), f"{what} should be a Python float, but it is a {_type_name(value)}"
+    return float(value)
+
+
 def expect_tuple(value, length: int, what: str = "the result") -> tuple:
     """``value`` as a tuple (or list) of exactly ``length`` items."""
     # isinstance: torch's (values, indices) results are tuple subclasses; the items

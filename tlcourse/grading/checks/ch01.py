@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tlcourse.grading.spec import expect_close, expect_int, expect_shape, expect_tensor, expect_tuple, points
+from tlcourse.grading.spec import expect_close, expect_int, expect_shape, expect_tensor, expect_tuple, expect_float, points
 
 QUESTIONS = {
     "q1": {"title": "freezing the backbone", "functions": ["freeze_backbone"]},
@@ -35,15 +35,6 @@ def _images(n=4, seed=0):
 def _trainable_names(model, params):
     # Our own references (taken before the learner's code ran), not the model's current ones.
     return {name for name, p in params.items() if type(p) is nn.Parameter and p.requires_grad}
-
-
-def _expect_float(value, what):
-    if type(value) is torch.Tensor and value.ndim == 0 and value.is_floating_point():
-        return float(value.item())
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()
-    assert type(value) in (float, int), f"{what} should be a Python float, but it is a {type(value).__name__}"
-    return float(value)
 
 
 # --- q1: freeze_backbone(model) -> trainable values left ----------------------------------
@@ -289,7 +280,7 @@ def _accuracy(accuracy, logits, labels, what="accuracy(logits, labels)"):
                                  f"({exc}). Take the argmax over the classes (dim=1), which gives one "
                                  "prediction per image, not over the batch (dim=0)") from None
         raise
-    return _expect_float(value, what)
+    return expect_float(value, what)
 
 
 @points(2)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tlcourse.grading.spec import expect_int, points
+from tlcourse.grading.spec import expect_int, expect_float, points
 
 QUESTIONS = {
     "q1": {"title": "unfreezing the last k stages", "functions": ["unfreeze_last_blocks"]},
@@ -302,15 +302,6 @@ def test_q3_gamma_beta_still_learn(set_batchnorm_eval):
 
 # --- q4: warmup_cosine_lr(step, warmup_steps, total_steps, base_lr, min_lr) -> float ------
 
-def _expect_float(value, what):
-    if type(value) is torch.Tensor and value.ndim == 0 and value.is_floating_point():
-        return float(value.item())
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()
-    assert type(value) in (float, int), f"{what} should be a Python float, but it is a {type(value).__name__}"
-    return float(value)
-
-
 def _reference_lr(step, warmup, total, base_lr, min_lr):
     """The schedule in closed form; tests/test_grading_ch01_02.py checks that it equals torch's
     SequentialLR(LinearLR(start_factor ~ 0), CosineAnnealingLR(eta_min=min_lr)) at every step."""
@@ -322,7 +313,7 @@ def _reference_lr(step, warmup, total, base_lr, min_lr):
 
 def _curve(warmup_cosine_lr, warmup, total, base_lr, min_lr=0.0, steps=None):
     steps = range(total + 1) if steps is None else steps
-    return [_expect_float(warmup_cosine_lr(s, warmup, total, base_lr, min_lr),
+    return [expect_float(warmup_cosine_lr(s, warmup, total, base_lr, min_lr),
                           f"warmup_cosine_lr({s}, {warmup}, {total}, {base_lr})") for s in steps]
 
 
