@@ -136,8 +136,13 @@ def test_train_adapt_runs_every_method_and_learns_the_source(method):
     assert result.method == method and len(result.history["loss"]) == 40
     assert adapt.accuracy(result.model, source) > 0.9
     assert not result.model.training
-    if method in ("dann", "coral", "mmd"):
+    if method in ("dann", "coral", "mmd", "self_training"):
         assert any(v > 0 for v in result.history["adapt_loss"])
+    if method == "self_training":  # pseudo-labels only after the warm-up
+        assert all(v == 0 for v in result.history["adapt_loss"][:20])
+    if method == "adabn":  # BatchNorm now holds the target's statistics, not the source's
+        plain = adapt.train_adapt("source_only", source, target, config=config, seed=0)
+        assert not torch.allclose(result.model.features[1].running_mean, plain.model.features[1].running_mean)
 
 
 def test_train_adapt_never_reads_target_labels():
@@ -160,8 +165,25 @@ def test_train_adapt_is_deterministic_by_seed():
     assert a.history["loss"] == b.history["loss"] != c.history["loss"]
 
 
+def test_learning_rate_is_annealed_as_in_ganin_et_al():
+    source, target = _toy_domains()
+    config = adapt.AdaptConfig(steps=10, batch_size=32, lr=0.01)
+    model = adapt.DigitNet(num_classes=2)
+    lrs = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        adapt.train_adapt("source_only", source, target, model=model, config=config)
+    finally:
+        hook.remove()
+    assert lrs == pytest.approx([0.01 * (1 + 10 * k / 10) ** -0.75 for k in range(10)])
+
+
 def test_train_adapt_bad_input():
     source, target = _toy_domains()
+    with pytest.raises(ValueError, match="batch_size"):
+        adapt.train_adapt("dann", source, target.tensors[0][:10], config=adapt.AdaptConfig(batch_size=32))
     with pytest.raises(ValueError, match="unknown method"):
         adapt.train_adapt("dan", source, target)
     with pytest.raises(ValueError, match="labelled"):
@@ -194,6 +216,6 @@ def test_benchmark_and_summary():
         adapt.benchmark(source, target, target, methods=("cdan",), progress=False)
     s0 = summary[0]
     accs = [r["target_acc"] for r in rows[:2]]
-    assert s0["target_mean"] == pytest.approx(np.mean(accs)) and s0["target_std"] == pytest.approx(np.std(accs))
+    assert s0["target_mean"] == pytest.approx(np.mean(accs)) and s0["target_std"] == pytest.approx(np.std(accs, ddof=1))
     table = adapt.summary_markdown(summary)
     assert table.count("\n") == 5 and "± " in table

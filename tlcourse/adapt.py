@@ -6,17 +6,18 @@ The pieces, each a few lines so the notebook can show them whole:
   (Ganin & Lempitsky 2015; Ganin et al. 2016, "DANN");
 - :class:`DomainDiscriminator`, the adversary DANN trains through the reversal;
 - :func:`coral_loss`, Deep CORAL (Sun & Saenko 2016): match the feature covariances;
-- :func:`mmd_loss`, multi-kernel maximum mean discrepancy (Gretton et al. 2012; used for
-  deep adaptation by Long et al. 2015, "DAN");
-- :func:`adabn`, re-estimate BatchNorm statistics on the target (Li et al. 2017, "AdaBN");
+- :func:`mmd_loss`, multi-kernel maximum mean discrepancy (Gretton et al. 2012, JMLR and NIPS;
+  used for deep adaptation by Long et al. 2015, "DAN");
+- :func:`adabn`, re-estimate BatchNorm statistics on the target (Li et al. 2018, "AdaBN");
 - :func:`pseudo_labels`, confident target predictions for self-training (Lee 2013);
 - :class:`DigitNet`, a LeNet-style CNN with BatchNorm, split into ``features`` and ``head``;
 - :func:`train_adapt`, one explicit loop that takes a source set, an unlabelled target set and
   a method name from :data:`METHODS`; :func:`benchmark` runs methods × seeds into a table.
 
 scikit-learn, timm and torchvision have no domain-adaptation losses, and the research library
-that does (TLlib) pins old PyTorch versions and downloads its data from dead links; so these
-are written here, small and tested (``tests/test_adapt.py``) against hand-computed values.
+that does (TLlib) targets old PyTorch releases (its README suggests 1.7.1) and downloads its data
+from links that have moved; so these are written here, small and tested
+(``tests/test_adapt.py``) against hand-computed values.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def mmd_loss(source: torch.Tensor, target: torch.Tensor,
 
     The kernel is a sum of Gaussians ``exp(-||x - y||² / (m σ²))`` over ``multipliers`` m,
     with σ² the mean pairwise squared distance of the joint batch (detached, so the scale does
-    not chase the loss) — a family of bandwidths as in Long et al. (2015)'s DAN. The estimate
+    not chase the loss) — a family of bandwidths as in Long et al. (2015)'s DAN, but with fixed,
+    equal kernel weights (DAN learns them, after Gretton et al. 2012, NIPS) on one layer. The estimate
     is Gretton et al. (2012)'s biased quadratic one, ``mean K_ss + mean K_tt - 2 mean K_st``:
     simple and low-variance at batch sizes of a few dozen (DAN used a linear-time estimate to
     scale to large batches). Zero when the batches are identical.
@@ -138,7 +140,7 @@ def mmd_loss(source: torch.Tensor, target: torch.Tensor,
 
 @torch.no_grad()
 def adabn(model: nn.Module, target: torch.Tensor, batch_size: int = 256) -> nn.Module:
-    """AdaBN (Li et al. 2017): replace every BatchNorm's running statistics by the target's.
+    """AdaBN (Li et al. 2018): replace every BatchNorm's running statistics by the target's.
 
     Weights are untouched; only the per-channel means and variances the network normalises
     with change, so features of target images are centred as source features were in
@@ -227,8 +229,9 @@ class AdaptConfig:
     def adaptation_weight(self, method: str) -> float:
         if self.weight is not None:
             return self.weight
-        # Defaults chosen on the *source* validation and the loss scales, never target labels:
-        # CORAL's loss is tiny (divided by 4 d²), so it needs a large weight to matter.
+        # Set by hand from the loss scales, never from target labels: DANN's and MMD's terms are
+        # of order 1 like the cross-entropy; CORAL's is tiny (divided by 4 d²), so it gets a
+        # large weight to matter (Sun & Saenko 2016 balance the two losses the same way).
         return {"dann": 1.0, "coral": 20.0, "mmd": 1.0, "self_training": 1.0}.get(method, 0.0)
 
 
@@ -294,6 +297,9 @@ def train_adapt(
     xt, _ = _tensors(target)  # target labels, if present, are never read
     if ys is None:
         raise ValueError("the source must be labelled: pass TensorDataset(images, labels)")
+    if min(len(xs), len(xt)) < config.batch_size:
+        raise ValueError(f"need at least batch_size={config.batch_size} source and target images, got "
+                         f"{len(xs)} and {len(xt)}: lower AdaptConfig.batch_size")
     model = (model or DigitNet(num_classes=int(ys.max()) + 1)).to(device)
     xs, ys, xt = xs.to(device), ys.to(device), xt.to(device)  # digits fit in memory, even on a GPU
 
@@ -309,6 +315,7 @@ def train_adapt(
     weight = config.adaptation_weight(method)
     source_batches = batches(xs, ys, batch_size=config.batch_size, generator=gen)
     target_batches = batches(xt, batch_size=config.batch_size, generator=gen)
+    domain = torch.cat([torch.zeros(config.batch_size), torch.ones(config.batch_size)]).to(device)  # 0 = source
     history = {"loss": [], "adapt_loss": []}
     model.train()
     start = time.perf_counter()
@@ -330,8 +337,10 @@ def train_adapt(
                         model.eval()
                         labels, mask = pseudo_labels(model(bt), config.threshold)
                         model.train()
-                    if mask.any():
-                        adapt_loss = F.cross_entropy(model(bt[mask]), labels[mask]) * mask.float().mean()
+                    # The whole target batch goes through the network (BatchNorm sees the usual
+                    # batch, even when only one image is confident); unconfident images weigh 0.
+                    per_image = F.cross_entropy(model(bt), labels, reduction="none")
+                    adapt_loss = (per_image * mask).mean()
             else:
                 # One forward pass over both domains, as in TLlib: BatchNorm then sees a mixed batch.
                 f = model.embed(torch.cat([bx, bt]))
@@ -339,12 +348,13 @@ def train_adapt(
                 loss = F.cross_entropy(model.head(fs), by)
                 if method == "dann":
                     d = disc(grad_reverse(f, dann_lambda(p)))
-                    domain = torch.cat([torch.zeros(len(bx)), torch.ones(len(bt))]).to(device)
                     adapt_loss = F.binary_cross_entropy_with_logits(d.float(), domain)
-                elif method == "coral":
-                    adapt_loss = coral_loss(fs.float(), ft.float())
-                elif method == "mmd":
-                    adapt_loss = mmd_loss(fs.float(), ft.float())
+                else:
+                    # Covariances and kernels in float32: under CUDA autocast torch.cov's matmul
+                    # would run in half precision, and C_s - C_t cancels badly there.
+                    with _train.autocast(device, enabled=False):
+                        loss_fn = coral_loss if method == "coral" else mmd_loss
+                        adapt_loss = loss_fn(fs.float(), ft.float())
             total = loss + weight * adapt_loss
         if not torch.isfinite(total):
             raise FloatingPointError(f"{method}: loss became {total.item()} at step {step}; lower lr or the weight")
@@ -418,8 +428,14 @@ PUBLISHED = {
     ("mnist", "usps"): {"source_only": 82.1, "dann": 91.7, "cdan": 96.0, "source": "TLlib benchmark"},
     ("usps", "mnist"): {"source_only": 74.6, "dann": 95.2, "cdan": 97.7, "source": "TLlib benchmark"},
     ("svhn", "mnist"): {"source_only": 74.1, "dann": 90.8, "cdan": 93.8, "source": "TLlib benchmark"},
-    ("mnist", "mnist_m"): {"source_only": 52.3, "dann": 76.7, "source": "Ganin et al. 2016"},
+    ("mnist", "mnist_m"): {"source_only": 52.3, "dann": 76.7, "source": "Ganin et al. 2016",
+                           "note": "theirs: MNIST on BSDS500 patches; ours (digits.DOMAINS['mnist_m']): "
+                                   "MNIST on scikit-image's photos, so comparable in spirit only"},
 }
+for _pair in (("mnist", "usps"), ("usps", "mnist"), ("svhn", "mnist")):
+    PUBLISHED[_pair]["note"] = ("TLlib: LeNet (DTN for SVHN, 32 px), its own schedule; ours: DigitNet at the "
+                                "profile's size, so the comparison is of the gain, not digit for digit")
+del _pair
 
 
 def benchmark(source, target, target_test, methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2),
@@ -442,7 +458,8 @@ def benchmark(source, target, target_test, methods: Sequence[str] = METHODS, see
     runs = [(m, s) for m in methods for s in seeds]
     if oracle is not None:
         runs += [("target_oracle", s) for s in seeds]
-    rows, source_only = [], {}
+    rows = []
+    source_only = {s: r for (m, s), r in (keep or {}).items() if m == "source_only"}
     for method, seed in tqdm(runs, desc="runs", disable=not progress):
         if method == "target_oracle":
             result = train_adapt("source_only", oracle, oracle, config=config, seed=seed, device=device)
@@ -466,13 +483,14 @@ def benchmark(source, target, target_test, methods: Sequence[str] = METHODS, see
 
 
 def summarize(rows: Sequence[dict]) -> list[dict]:
-    """Rows of :func:`benchmark` -> one per method: mean and std (population, over seeds) of
-    target accuracy, mean source accuracy and seconds, in the order methods first appear."""
+    """Rows of :func:`benchmark` -> one per method: mean and sample standard deviation (n - 1,
+    over seeds; 0 for one seed) of target accuracy, mean source accuracy and seconds, in the
+    order methods first appear."""
     order = list(dict.fromkeys(r["method"] for r in rows))
     out = []
     for m in order:
         acc = np.array([r["target_acc"] for r in rows if r["method"] == m])
-        out.append({"method": m, "target_mean": float(acc.mean()), "target_std": float(acc.std()),
+        out.append({"method": m, "target_mean": float(acc.mean()), "target_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                     "seeds": len(acc), "target_min": float(acc.min()), "target_max": float(acc.max()),
                     "source_mean": float(np.mean([r["source_acc"] for r in rows if r["method"] == m])),
                     "seconds": float(np.mean([r["seconds"] for r in rows if r["method"] == m]))})
@@ -489,9 +507,6 @@ def summary_markdown(summary: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def copy_model(model: nn.Module) -> nn.Module:
-    """A deep copy (e.g. to run AdaBN on a copy of the source-only model)."""
-    return copy.deepcopy(model)
 
 
 # Benchmark settings per profile. `quick` is what the notebook runs on a laptop CPU in a few

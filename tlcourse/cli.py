@@ -334,7 +334,9 @@ def _cmd_bench(args) -> int:
         print(adapt.summary_markdown(result["summary"]))
         if result["published"]:
             pub = result["published"]
-            print("published (" + pub["source"] + "): " + ", ".join(f"{k} {v}" for k, v in pub.items() if k != "source"))
+            print("published (" + pub["source"] + "): " + ", ".join(f"{k} {v}" for k, v in pub.items()
+                                                                  if k not in ("source", "note")))
+            print("  note: " + pub["note"])
         print(f"{result['seconds']:.0f} s\n", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
