@@ -157,6 +157,19 @@ def test_train_adapt_never_reads_target_labels():
             assert torch.equal(v, b.model.state_dict()[k]) and torch.equal(v, c.model.state_dict()[k])
 
 
+def test_train_adapt_accepts_loaders_and_datasets():
+    from torch.utils.data import DataLoader, Subset
+
+    source, target = _toy_domains(n=96)
+    config = adapt.AdaptConfig(steps=5, batch_size=32)
+    a = adapt.train_adapt("coral", source, target.tensors[0], config=config, seed=4)
+    b = adapt.train_adapt("coral", DataLoader(source, batch_size=10), Subset(target, range(len(target))),
+                          config=config, seed=4)
+    assert a.history["loss"] == b.history["loss"]
+    with pytest.raises(ValueError, match="empty"):
+        adapt.train_adapt("coral", source, Subset(target, []), config=config)
+
+
 def test_train_adapt_is_deterministic_by_seed():
     source, target = _toy_domains()
     config = adapt.AdaptConfig(steps=10, batch_size=32)

@@ -246,17 +246,31 @@ class AdaptResult:
     history: dict = field(default_factory=dict)
 
 
-def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(dataset, TensorDataset):
-        tensors = dataset.tensors
-    elif isinstance(dataset, (tuple, list)):
-        tensors = tuple(dataset)
+def _tensors(data) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(images [N, C, H, W], labels [N] or None)`` from a tensor, a ``(x, y)`` pair, a
+    TensorDataset, any map-style Dataset of ``(image, label)`` / images, or a DataLoader of
+    such batches — loaded into memory once (digit sets are small; see :func:`batches`)."""
+    if isinstance(data, TensorDataset):
+        tensors = data.tensors
+    elif isinstance(data, (tuple, list)):
+        tensors = tuple(data)
+    elif torch.is_tensor(data):
+        tensors = (data,)
+    elif isinstance(data, (DataLoader, torch.utils.data.Dataset)):
+        items = list(data) if isinstance(data, DataLoader) else [data[i] for i in range(len(data))]
+        if not items:
+            raise ValueError(f"the {type(data).__name__} is empty")
+        first = items[0]
+        labelled = isinstance(first, (tuple, list))
+        join = torch.cat if isinstance(data, DataLoader) else torch.stack
+        xs = join([it[0] if labelled else it for it in items])
+        tensors = (xs, join([torch.as_tensor(it[1]) for it in items])) if labelled else (xs,)
     else:
-        tensors = (dataset,)
+        tensors = (data,)
     x = tensors[0]
     if not torch.is_tensor(x) or x.dim() != 4:
-        raise ValueError(f"expected images [N, C, H, W] (a tensor or TensorDataset), got {type(x).__name__} "
-                         f"of shape {tuple(getattr(x, 'shape', ()))}")
+        raise ValueError(f"expected images [N, C, H, W] (a tensor, TensorDataset, Dataset or DataLoader), got "
+                         f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
     return x, (tensors[1] if len(tensors) > 1 else None)
 
 
@@ -281,8 +295,9 @@ def train_adapt(
     """Train ``model`` (default a fresh :class:`DigitNet`) on labelled ``source`` while adapting
     to unlabelled ``target`` with ``method`` (one of :data:`METHODS`).
 
-    ``source``: ``TensorDataset(x [N, 3, H, W] in [0, 1], y [N])``; ``target``: images, or a
-    TensorDataset whose labels are **ignored** (only ``tensors[0]`` is read). Each step draws
+    ``source``: ``TensorDataset(x [N, 3, H, W] in [0, 1], y [N])`` — or any Dataset or
+    DataLoader of ``(image, label)``, read into memory once; ``target``: the same kinds, whose
+    labels, if any, are **ignored** (only the images are read). Each step draws
     one source and one target batch; the loss is source cross-entropy plus
     ``config.adaptation_weight(method)`` × the method's term. SGD with momentum and the
     learning-rate annealing of Ganin et al. (2016), ``lr / (1 + 10 p)^0.75``.
@@ -291,10 +306,11 @@ def train_adapt(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     config = config or AdaptConfig()
     device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     xs, ys = _tensors(source)
     xt, _ = _tensors(target)  # target labels, if present, are never read
+    # Seed after loading: iterating a DataLoader draws from the global generator.
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     if ys is None:
         raise ValueError("the source must be labelled: pass TensorDataset(images, labels)")
     if min(len(xs), len(xt)) < config.batch_size:
