@@ -1,0 +1,151 @@
+"""Distillation pieces against their definitions, and the loop on tiny data."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tlcourse import distill
+
+
+def test_soften_flattens_with_temperature():
+    logits = torch.tensor([[4.0, 1.0, 0.0]])
+    p1, p4 = distill.soften(logits, 1.0), distill.soften(logits, 4.0)
+    assert torch.allclose(p1, torch.softmax(logits, -1))
+    assert torch.allclose(p4.sum(-1), torch.ones(1))
+    assert p4[0, 0] < p1[0, 0] and p4[0, 2] > p1[0, 2]     # mass moves to the wrong classes
+    assert torch.equal(p4.argmax(-1), p1.argmax(-1))       # the ranking is kept
+    with pytest.raises(ValueError, match="temperature"):
+        distill.soften(logits, 0)
+
+
+def test_kd_loss_matches_the_definition():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    T, alpha = 3.0, 0.7
+    pt, ps = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    kl = (pt * (pt.log() - ps.log())).sum(-1).mean()
+    ce = -torch.log_softmax(s, -1)[torch.arange(5), y].mean()
+    expected = alpha * T * T * kl + (1 - alpha) * ce
+    assert distill.kd_loss(s, t, y, T, alpha).item() == pytest.approx(expected.item(), rel=1e-5)
+    # Without labels: the soft term alone.
+    assert distill.kd_loss(s, t, None, T).item() == pytest.approx((T * T * kl).item(), rel=1e-5)
+    # alpha = 0 is plain cross-entropy; identical logits give zero soft loss.
+    assert distill.kd_loss(s, t, y, T, 0.0).item() == pytest.approx(ce.item(), rel=1e-5)
+    assert distill.kd_loss(t, t, None, T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_t_squared_keeps_soft_gradients_comparable_across_temperatures():
+    # For high T the soft gradient scales as 1/T²; the T² factor undoes that (Hinton et al. 2015).
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(64, 10, generator=g)
+    s0 = torch.randn(64, 10, generator=g) * 0.5
+    norms = []
+    for T in (4.0, 8.0, 16.0):
+        s = s0.clone().requires_grad_()
+        distill.kd_loss(s, t, None, T).backward()
+        norms.append(s.grad.norm().item())
+    # Without T² the norms would fall by ~4x per doubling; with it they stay within ~2x of each other
+    # (as T grows, the KL of softened logits approaches a T-independent limit).
+    assert max(norms) / min(norms) < 2.0
+    s = s0.clone().requires_grad_()
+    (distill.kd_loss(s, t, None, 16.0) / 16.0 ** 2).backward()
+    assert s.grad.norm().item() < norms[-1] / 100
+
+
+def test_kd_loss_does_not_train_the_teacher_logits():
+    s, t = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    distill.kd_loss(s, t, None).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_kd_loss_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        distill.kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="alpha"):
+        distill.kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), alpha=1.5)
+
+
+def test_hint_loss_regresses_student_features_onto_the_teachers():
+    reg = distill.HintRegressor(8, 16)
+    sf, tf = torch.randn(2, 8, 4, 4), torch.randn(2, 16, 8, 8)
+    loss = distill.hint_loss(sf, tf, reg)
+    assert loss.item() > 0 and reg(sf, size=(8, 8)).shape == (2, 16, 8, 8)
+    # A reachable target: another 1x1 projection of the same student features.
+    target = distill.HintRegressor(8, 16)(sf, size=(8, 8)).detach()
+    start = distill.hint_loss(sf, target, reg).item()
+    opt = torch.optim.Adam(reg.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        distill.hint_loss(sf, target, reg).backward()
+        opt.step()
+    assert distill.hint_loss(sf, target, reg).item() < start / 50
+
+
+def _toy(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g)
+    y = (x[:, 0] * x[:, 1] > 0).long()  # XOR-like quadrants: needs a hidden layer
+    return x, y
+
+
+def _teacher(x, y):
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(2, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 2))
+    opt = torch.optim.Adam(teacher.parameters(), lr=0.02)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(teacher(x), y).backward()
+        opt.step()
+    return teacher.eval()
+
+
+def test_distill_teaches_the_student_and_leaves_the_teacher_alone():
+    x, y = _toy()
+    teacher = _teacher(x, y)
+    assert (teacher(x).argmax(1) == y).float().mean() > 0.95
+    teacher.train()  # a teacher left in train mode: distill must still use (and restore) it safely
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
+    result = distill.distill(student, x, None, teacher=teacher, epochs=30, batch_size=32, lr=0.01)
+    # Unlabelled transfer: the student learnt the task from the teacher's outputs alone.
+    assert (result.student(x).argmax(1) == y).float().mean() > 0.9
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, state[k]), f"teacher's {k} changed"
+    assert teacher.training  # its mode is restored
+
+
+def test_distill_refuses_a_teacher_that_changes():
+    x, y = _toy(64)
+    teacher = _teacher(x, y)
+
+    class Sneaky(nn.Module):  # a "teacher" that updates itself when called in train mode
+        def __init__(self):
+            super().__init__()
+            self.inner = teacher
+
+        def forward(self, inp):
+            self.inner[0].weight.data.add_(0.01)
+            return self.inner(inp)
+
+    with pytest.raises(RuntimeError, match="teacher"):
+        distill.distill(nn.Linear(2, 2), x, y, teacher=Sneaky(), epochs=1)
+
+
+def test_distill_with_cached_logits_equals_with_teacher():
+    x, y = _toy(128)
+    teacher = _teacher(x, y)
+    logits = distill.teacher_logits(teacher, x, batch_size=50)
+    assert logits.shape == (128, 2)
+    make = lambda: nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
+    torch.manual_seed(3)
+    a = distill.distill(make(), x, y, teacher=teacher, epochs=2, seed=1)
+    torch.manual_seed(3)
+    b = distill.distill(make(), x, y, cached_logits=logits, epochs=2, seed=1)
+    assert a.history["loss"] == pytest.approx(b.history["loss"])
+    with pytest.raises(ValueError, match="exactly one"):
+        distill.distill(make(), x, y, epochs=1)
+    with pytest.raises(ValueError, match="teacher logits"):
+        distill.distill(make(), x, y, cached_logits=logits[:10], epochs=1)
