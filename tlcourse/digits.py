@@ -394,6 +394,9 @@ def _stable(*parts) -> list[int]:
 def _stratified_split(y: np.ndarray, fraction: float, seed: SeedLike) -> tuple[np.ndarray, np.ndarray]:
     """Indices of two disjoint parts of ``y``: ``round(fraction * len(y))`` images with each
     class in proportion (within one), and the rest; both sorted."""
+    # Written out (not sklearn's train_test_split) because it takes this module's SeedLike
+    # seeds. Swapping it changes the splits: chapter 03's quick numbers depend on the split
+    # (with sklearn's split DANN's gain fell inside the seed spread), so re-run the notebook.
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(y, return_counts=True)
     exact = counts * fraction
