@@ -28,12 +28,24 @@ Two static checks:
 from __future__ import annotations
 
 import ast
+import threading
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlcourse.notebooks import SETUP_CELL
+
+# CPython 3.11's parser keeps its recursion-depth bookkeeping per interpreter, not per thread:
+# `tlcourse grade --jobs 2` parsing two notebooks at once raised "SystemError: AST constructor
+# recursion depth mismatch" (seen here under load). Parsing is fast; do it one thread at a time.
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse(source: str) -> ast.AST:
+    with _PARSE_LOCK:
+        return ast.parse(source)
+
 
 MAGIC = re.compile(r"^(\s*)([%!?].*)$")
 ALLOWED_IMPORTS = {
@@ -157,7 +169,7 @@ def question_of(cell: dict) -> str | None:
 
 def _defines(source: str, name: str) -> bool:
     try:
-        tree = ast.parse(source)
+        tree = _parse(source)
     except SyntaxError:
         return re.search(rf"^def\s+{re.escape(name)}\s*\(", source, re.M) is not None
     return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in tree.body)
@@ -199,7 +211,7 @@ def build_program(nb: dict, question: str, spec: dict) -> Program:
 def _definitions(number: int, source: str) -> list[Snippet]:
     """Each top-level import/def/class/literal constant of a cell, exactly that statement."""
     try:
-        tree = ast.parse(source)
+        tree = _parse(source)
     except SyntaxError:
         return []
     out = []
@@ -235,7 +247,7 @@ def escape_hatches(source: str) -> list[str]:
     """Tools in ``source`` that could forge or hide a grading result from inside the
     sandbox process (empty: none); see :func:`program_hatches`."""
     try:
-        tree = ast.parse(source)
+        tree = _parse(source)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return []
     return _scan([tree], *_module_aliases([tree]))
@@ -251,7 +263,7 @@ def program_hatches(snippets: list[Snippet], functions=()) -> list[str]:
     parsed = []
     for snip in snippets:
         try:
-            parsed.append((snip, ast.parse(snip.source)))
+            parsed.append((snip, _parse(snip.source)))
         except (SyntaxError, ValueError, MemoryError, RecursionError):
             continue  # does not run
     binds: dict[str, list[int]] = {}
@@ -384,7 +396,7 @@ def audit(nb: dict) -> list[str]:
     reasons: list[str] = []
     for number, _cell, source in code_cells(nb):
         try:
-            tree = ast.parse(source)
+            tree = _parse(source)
         except SyntaxError:
             continue
         found = set()

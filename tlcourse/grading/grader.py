@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,7 +279,16 @@ def grade(paths, tests_dir=None, chapter=None, timeout=DEFAULT_TIMEOUT,
                     index, path = todo.get_nowait()
                 except queue.Empty:
                     return
-                results[index] = _grade_one(path, chapter, available, suite_for, sandbox, opts)
+                try:
+                    results[index] = _grade_one(path, chapter, available, suite_for, sandbox, opts)
+                except GradingError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a grader bug must not lose a submission
+                    sub = Submission(path)
+                    sub.error = f"the grader itself failed on {sub.name} ({type(exc).__name__}: {exc}); grade it again"
+                    sub.review.append("internal grader error: " + "".join(
+                        traceback.format_exception_only(type(exc), exc)).strip())
+                    results[index] = sub
                 if progress:
                     progress(results[index])
         except GradingError as exc:
