@@ -12,14 +12,12 @@ alone); the last tests here prove those references equal :mod:`tlcourse.adapt`'s
 from __future__ import annotations
 
 import copy
-import json
 import math
-import time
 from pathlib import Path
 
 import pytest
-
-from tlcourse.grading import extract, grader
+from grading_support import (expect_full_marks, expect_points_lost, expect_zero_with_kind_messages, grade_together,
+                             unanswered_after_run_all, write_crafted)
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTION = ROOT / "solutions" / "03_domain_adaptation.ipynb"
@@ -123,66 +121,29 @@ WRONG = {
                  "    return labels, (confidence >= threshold).float()"), "bool tensor"),
     ],
 }
-ROUNDS = max(len(v) for v in WRONG.values())
-
-
-def _solution() -> dict:
-    return json.loads(SOLUTION.read_text(encoding="utf-8"))
-
-
-def _crafted(i: int) -> dict:
-    """The solution notebook with wrong variant ``i`` in every question that has one."""
-    nb = copy.deepcopy(_solution())
-    for cell in nb["cells"]:
-        variants = WRONG.get(extract.question_of(cell), [])
-        if i < len(variants):
-            cell["source"] = variants[i][0]
-    return nb
 
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     """The solution, the exercise and every crafted notebook, graded in one run (two sandboxes)."""
-    folder = tmp_path_factory.mktemp("submissions")
-    paths = {"solution": SOLUTION, "exercise": EXERCISE}
-    for i in range(ROUNDS):
-        path = folder / f"03_wrong{i}.ipynb"
-        path.write_text(json.dumps(_crafted(i)), encoding="utf-8")
-        paths[i] = path
-    started = time.monotonic()
-    subs = grader.grade(list(paths.values()), timeout=TIMEOUT, jobs=2)
-    seconds = time.monotonic() - started
-    print(f"\n{len(subs)} notebooks of chapter 03 graded in {seconds:.1f} s")
-    print(grader.table(subs))
-    return dict(zip(paths, subs)), seconds
+    paths = {"solution": SOLUTION, "exercise": EXERCISE,
+             **write_crafted(tmp_path_factory.mktemp("submissions"), SOLUTION, WRONG, "03_wrong")}
+    return grade_together(paths, TIMEOUT, "chapter 03")
 
 
 def test_solution_gets_full_marks(graded):
-    sub = graded[0]["solution"]
-    assert {q.id: q.score for q in sub.questions} == FULL, grader.details(sub)
-    assert sub.score == sub.max_score == 20 and not sub.review and not sub.error, grader.details(sub)
+    expect_full_marks(graded[0]["solution"], FULL)
 
 
 def test_exercise_gets_zero_with_kind_messages(graded):
-    sub = graded[0]["exercise"]
-    assert sub.score == 0 and sub.max_score == sum(FULL.values()) and not sub.error
-    for q in sub.questions:
-        for t in q.tests:
-            assert t.message.startswith("not answered yet") and "Traceback" not in t.message, t.message
+    expect_zero_with_kind_messages(graded[0]["exercise"], FULL)
 
 
 @pytest.mark.parametrize("case", [(q, i) for q, v in WRONG.items() for i in range(len(v))],
                          ids=lambda c: f"{c[0]}-wrong{c[1]}")
 def test_wrong_answer_loses_points_with_a_specific_message(graded, case):
     qid, i = case
-    sub = graded[0][i]
-    q = next(q for q in sub.questions if q.id == qid)
-    assert q.score < FULL[qid], f"a wrong answer got full marks:\n{WRONG[qid][i][0]}\n{grader.details(sub)}"
-    assert not sub.review, sub.review
-    text = WRONG[qid][i][1]
-    if text:
-        messages = " | ".join(t.message for t in q.tests if not t.passed)
-        assert text in messages, messages
+    expect_points_lost(graded[0][i], qid, FULL[qid], WRONG[qid][i])
 
 
 def test_grading_takes_seconds(graded):
@@ -211,12 +172,7 @@ def test_in_notebook_check_names_the_mistake_and_skips_hidden_tests():
 
 def test_exercise_notebook_runs_through_without_errors():
     """'Run all' on a fresh exercise notebook reaches the end: unanswered checks only say so."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(EXERCISE, as_version=4)
-    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
-    outputs = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    assert sum("not answered yet" in o for o in outputs) == len(FULL)
+    assert unanswered_after_run_all(EXERCISE) == len(FULL)
 
 
 # --- the references in checks/ch03.py are tlcourse.adapt's functions ----------------------

@@ -27,6 +27,8 @@ Rules, kept few on purpose:
   helpers below) says what went wrong. Points per test give partial credit (default 1).
 - Use the ``expect_*`` helpers on the learner's return values: they check *exact* types,
   so an object with a rigged ``__eq__`` or ``__torch_function__`` cannot pass as a tensor.
+  For losses: ``expect_loss`` (a 0-d tensor still in the autograd graph), ``close`` (two
+  numbers within tolerance) and ``seeded_randn`` (reproducible inputs).
 
 This module must not import torch at import time (``import tlcourse.grading`` stays cheap).
 """
@@ -120,6 +122,30 @@ def expect_close(actual, expected, what: str = "the result", atol: float = 1e-5,
         ok = bool(torch.allclose(a, e, atol=atol, rtol=rtol))
         diff = "" if ok else f" (largest difference {float((a - e).abs().max()):.4g})"
     assert ok, f"{what} has the right shape but the wrong values{diff}"
+
+
+def expect_loss(value, what: str = "the loss"):
+    """``value`` as a 0-d ``torch.Tensor``, still attached to the autograd graph when it is
+    (unlike :func:`expect_tensor`, which detaches): a loss exists to send gradients."""
+    if type(value) in (float, int) or type(value).__module__ == "numpy":
+        raise AssertionError(f"{what} returned a {type(value).__name__}; return the tensor itself (no .item()): "
+                             "a loss must stay in the autograd graph to train anything")
+    expect_tensor(value, what)
+    assert value.ndim == 0, (f"{what} should be a scalar (0-d) tensor, as a loss is; it has shape "
+                             f"{list(value.shape)} (sum or average it down to one number)")
+    return value
+
+
+def close(actual: float, expected: float, rtol: float = 1e-4, atol: float = 1e-7) -> bool:
+    """Two numbers agree up to float tolerance: ``|actual - expected| <= atol + rtol * |expected|``."""
+    return abs(float(actual) - float(expected)) <= atol + rtol * abs(float(expected))
+
+
+def seeded_randn(*shape: int, seed: int = 0, scale: float = 1.0, shift: float = 0.0):
+    """A reproducible ``randn`` tensor (its own generator; the global random state is untouched)."""
+    import torch
+
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale + shift
 
 
 def _type_name(value) -> str:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tlcourse.grading.spec import expect_close, expect_shape, expect_tensor, expect_tuple, expect_float, points
+from tlcourse.grading.spec import (close, expect_close, expect_float, expect_loss, expect_shape, expect_tensor,
+                                   expect_tuple, points, seeded_randn)
 
 QUESTIONS = {
     "q1": {"title": "gradient reversal", "functions": ["grad_reverse"]},
@@ -119,25 +120,6 @@ def _reference_pseudo_labels(logits, threshold=0.9):
 
 # --- helpers ------------------------------------------------------------------------------
 
-def _randn(*shape, seed=0, scale=1.0, shift=0.0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale + shift
-
-
-def _expect_loss(value, what):
-    """The learner's loss: a 0-d tensor, still attached to the autograd graph when it can be."""
-    if type(value) in (float, int) or type(value).__module__ == "numpy":
-        raise AssertionError(f"{what} returned a {type(value).__name__}; return the tensor itself (no .item()): "
-                             "the loss is added to the classification loss and must stay in the autograd graph")
-    expect_tensor(value, what)
-    assert value.ndim == 0, (f"{what} should be a scalar (0-d) tensor, as a loss is; it has shape "
-                             f"{list(value.shape)} (sum or average it down to one number)")
-    return value
-
-
-def _close(a, b, rtol=1e-4, atol=1e-7):
-    return abs(float(a) - float(b)) <= atol + rtol * abs(float(b))
-
-
 def _grads(fn, *inputs):
     """``(fn(*leaves), leaves)``, the leaves fresh copies of ``inputs`` that require grad."""
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
@@ -147,7 +129,7 @@ def _grads(fn, *inputs):
 
 def _compare_gradients(loss_fn, reference, inputs, what, hint):
     value, leaves = _grads(loss_fn, *inputs)
-    value = _expect_loss(value, what)
+    value = expect_loss(value, what)
     assert value.requires_grad and value.grad_fn is not None, (
         f"{what} is not connected to its inputs in the autograd graph (computed under torch.no_grad(), "
         "or from .detach()/.item()/.numpy() values?): it could not train the feature extractor")
@@ -189,7 +171,7 @@ def _backward_through(grad_reverse, x, lambd, upstream):
 def test_q1_forward_is_identity(grad_reverse):
     """returns x unchanged in the forward pass (same shape, same values), for any lambd"""
     for shape, lambd in (((5, 3), 1.0), ((2, 3, 4, 4), 0.3)):
-        x = _randn(*shape, seed=1)
+        x = seeded_randn(*shape, seed=1)
         y, _ = _backward_through(grad_reverse, x, lambd, torch.ones(shape))
         if torch.allclose(y, -x) or torch.allclose(y, -lambd * x):
             raise AssertionError("the forward pass negated x: the reversal happens only in the backward pass. "
@@ -204,8 +186,8 @@ def test_q1_forward_is_identity(grad_reverse):
 @points(2)
 def test_q1_gradient_reversed_and_scaled(grad_reverse):
     """multiplies the incoming gradient by -lambd in the backward pass (lambd = 1, 0.3 and 2.5)"""
-    x = _randn(4, 6, seed=2)
-    upstream = _randn(4, 6, seed=3)
+    x = seeded_randn(4, 6, seed=2)
+    upstream = seeded_randn(4, 6, seed=3)
     lambdas = (1.0, 0.3, 2.5)
     grads = [_backward_through(grad_reverse, x, lambd, upstream)[1] for lambd in lambdas]
 
@@ -231,7 +213,7 @@ def test_q1_in_a_network(grad_reverse):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
         features, domain = nn.Linear(5, 4), nn.Linear(4, 1)
-    x, labels = _randn(6, 5, seed=6), (torch.arange(6) % 2).float()
+    x, labels = seeded_randn(6, 5, seed=6), (torch.arange(6) % 2).float()
 
     def grads(reverse, lambdas):
         f, d = copy.deepcopy(features), copy.deepcopy(domain)
@@ -261,15 +243,15 @@ def test_q2_schedule_values(dann_lambda):
     ps = (0.0, 0.05, 0.2, 0.5, 1.0)
     got = [expect_float(dann_lambda(p), f"dann_lambda({p})") for p in ps]
     want = [_reference_dann_lambda(p) for p in ps]
-    if all(_close(g, 1 / (1 + math.exp(-10 * p)), 1e-6, 1e-9) for g, p in zip(got, ps)):
+    if all(close(g, 1 / (1 + math.exp(-10 * p)), 1e-6, 1e-9) for g, p in zip(got, ps)):
         raise AssertionError(f"dann_lambda(0) = {got[0]:.4g}: that is the sigmoid 1 / (1 + exp(-gamma p)), which "
                              "starts at 0.5; DANN rescales it, 2 * sigmoid - 1, so λ starts at 0")
-    if all(_close(g, w + 1, 1e-6, 1e-9) for g, w in zip(got, want)):
+    if all(close(g, w + 1, 1e-6, 1e-9) for g, w in zip(got, want)):
         raise AssertionError(f"dann_lambda(0) = {got[0]:.4g}: the - 1 is missing, λ = 2 / (1 + exp(-gamma p)) - 1")
-    if all(_close(g, -w, 1e-6, 1e-9) for g, w in zip(got, want)):
+    if all(close(g, -w, 1e-6, 1e-9) for g, w in zip(got, want)):
         raise AssertionError("the schedule is negative: the exponent is exp(-gamma * p), with a minus sign")
     for p, g, w in zip(ps, got, want):
-        assert _close(g, w, 1e-6, 1e-9), f"dann_lambda({p}) should be {w:.6f}, not {g:.6g}"
+        assert close(g, w, 1e-6, 1e-9), f"dann_lambda({p}) should be {w:.6f}, not {g:.6g}"
 
 
 @points(0.5)
@@ -280,7 +262,7 @@ def test_q2_starts_at_zero_rises_to_one(dann_lambda):
     assert abs(values[0]) < 1e-12, f"λ should be exactly 0 at p = 0 (no reversal yet), not {values[0]:.3g}"
     assert values == sorted(values) and len(set(values)) == len(values), (
         f"λ should rise with p; at p = {', '.join(map(str, ps))} it gives {', '.join(f'{v:.4g}' for v in values)}")
-    assert _close(values[-1], math.tanh(5.0), 1e-6, 1e-9), (
+    assert close(values[-1], math.tanh(5.0), 1e-6, 1e-9), (
         f"at p = 1, λ = 2 / (1 + exp(-10)) - 1 = {math.tanh(5.0):.6f}, not {values[-1]:.6g}")
 
 
@@ -290,18 +272,18 @@ def test_q2_uses_gamma(dann_lambda):
     for gamma in (5.0, 1.0):
         ps = (0.0, 0.3, 0.6, 1.0)
         values = [expect_float(dann_lambda(p, gamma), f"dann_lambda({p}, {gamma})") for p in ps]
-        if _close(values[1], _reference_dann_lambda(0.3), 1e-6, 1e-9):
+        if close(values[1], _reference_dann_lambda(0.3), 1e-6, 1e-9):
             raise AssertionError(f"dann_lambda(p, gamma={gamma:g}) gives gamma = 10's values: use the gamma argument")
         for p, v in zip(ps, values):
             want = _reference_dann_lambda(p, gamma)
-            assert _close(v, want, 1e-6, 1e-9), f"dann_lambda({p}, {gamma:g}) should be {want:.6f}, not {v:.6g}"
+            assert close(v, want, 1e-6, 1e-9), f"dann_lambda({p}, {gamma:g}) should be {want:.6f}, not {v:.6g}"
 
 
 # --- q3: coral_loss(source, target) -> 0-d tensor -----------------------------------------
 
 def _coral_inputs(seed=0, ns=7, nt=11, d=4):
-    source = _randn(ns, d, seed=seed, scale=2.0)
-    target = _randn(nt, d, seed=seed + 100, scale=1.0, shift=0.5) @ _randn(d, d, seed=seed + 200)
+    source = seeded_randn(ns, d, seed=seed, scale=2.0)
+    target = seeded_randn(nt, d, seed=seed + 100, scale=1.0, shift=0.5) @ seeded_randn(d, d, seed=seed + 200)
     return source, target
 
 
@@ -316,7 +298,7 @@ def test_q3_value(coral_loss):
             raise AssertionError(f"coral_loss failed on batches of 7 and 11 rows ({exc}): the covariances should "
                                  "be [d, d]; torch.cov wants one variable per row, so torch.cov(x.T)") from None
         raise
-    got = float(_expect_loss(value, "coral_loss(source, target)").detach())
+    got = float(expect_loss(value, "coral_loss(source, target)").detach())
     want = float(_reference_coral(source, target))
     d = source.shape[1]
     mistakes = [
@@ -329,11 +311,11 @@ def test_q3_value(coral_loss):
     ]
     for kwargs, message in mistakes:
         wrong = float(_reference_coral(source, target, **kwargs))
-        if _close(got, wrong) and not _close(wrong, want):
+        if close(got, wrong) and not close(wrong, want):
             raise AssertionError(f"got {got:.5g} instead of {want:.5g}: {message}")
-    if _close(got, float(_reference_coral(source, target, scale=False)) / (4 * d)):
+    if close(got, float(_reference_coral(source, target, scale=False)) / (4 * d)):
         raise AssertionError(f"got {got:.5g} instead of {want:.5g}: divide by 4 d² = {4 * d * d}, not 4 d")
-    assert _close(got, want), (f"coral_loss should be {want:.5g} for these batches, not {got:.5g}. Covariances "
+    assert close(got, want), (f"coral_loss should be {want:.5g} for these batches, not {got:.5g}. Covariances "
                                "of [n, d] batches are d x d matrices (torch.cov(x.T), not torch.cov(x))")
 
 
@@ -341,12 +323,12 @@ def test_q3_value(coral_loss):
 def test_q3_zero_and_invariant_to_the_mean(coral_loss):
     """is 0 for identical batches, and the same when the target batch is shifted by a constant"""
     source, target = _coral_inputs(seed=1, ns=9, nt=6, d=3)
-    same = float(_expect_loss(coral_loss(source, source.clone()), "coral_loss(x, x)").detach())
+    same = float(expect_loss(coral_loss(source, source.clone()), "coral_loss(x, x)").detach())
     assert abs(same) < 1e-6, f"coral_loss(x, x) should be 0 (same covariance), not {same:.3g}"
-    base = float(_expect_loss(coral_loss(source, target), "coral_loss(source, target)").detach())
-    shifted = float(_expect_loss(coral_loss(source, target + torch.tensor([3.0, -2.0, 5.0])),
+    base = float(expect_loss(coral_loss(source, target), "coral_loss(source, target)").detach())
+    shifted = float(expect_loss(coral_loss(source, target + torch.tensor([3.0, -2.0, 5.0])),
                                  "coral_loss(source, target + c)").detach())
-    assert _close(base, shifted, 1e-3, 1e-6), (
+    assert close(base, shifted, 1e-3, 1e-6), (
         f"shifting every target feature by a constant changed the loss from {base:.4g} to {shifted:.4g}: "
         "CORAL compares covariances, which do not depend on the mean; centre each batch (x - x.mean(0))")
 
@@ -363,14 +345,14 @@ def test_q3_matches_reference_values_and_gradients(coral_loss):
 # --- q4: mmd_loss(source, target, multipliers) -> 0-d tensor ------------------------------
 
 def _mmd_inputs(seed=0, ns=6, nt=9, d=3, shift=1.0):
-    return _randn(ns, d, seed=seed), _randn(nt, d, seed=seed + 50, scale=1.5, shift=shift)
+    return seeded_randn(ns, d, seed=seed), seeded_randn(nt, d, seed=seed + 50, scale=1.5, shift=shift)
 
 
 @points(2)
 def test_q4_value(mmd_loss):
     """returns mean K_ss + mean K_tt - 2 mean K_st, K a sum of Gaussian kernels over the multipliers"""
     source, target = _mmd_inputs()
-    got = float(_expect_loss(mmd_loss(source.clone(), target.clone()), "mmd_loss(source, target)").detach())
+    got = float(expect_loss(mmd_loss(source.clone(), target.clone()), "mmd_loss(source, target)").detach())
     want = float(_reference_mmd(source, target))
     mistakes = [
         (dict(cross=2.0), "the cross term has the wrong sign: MMD² = mean K_ss + mean K_tt - 2 mean K_st"),
@@ -385,9 +367,9 @@ def test_q4_value(mmd_loss):
     ]
     for kwargs, message in mistakes:
         wrong = float(_reference_mmd(source, target, **kwargs))
-        if _close(got, wrong) and not _close(wrong, want):
+        if close(got, wrong) and not close(wrong, want):
             raise AssertionError(f"got {got:.5g} instead of {want:.5g}: {message}")
-    assert _close(got, want), (
+    assert close(got, want), (
         f"mmd_loss should be {want:.5g} for these batches, not {got:.5g}. Recipe: joint = the two batches "
         "together, D = squared distances between all its rows, σ² = mean of D over distinct pairs, "
         "K = Σ_m exp(-D / (m σ²)), then the three block means")
@@ -397,10 +379,10 @@ def test_q4_value(mmd_loss):
 def test_q4_zero_for_identical_batches(mmd_loss):
     """is 0 for identical batches and grows as the target batch moves away"""
     source, _ = _mmd_inputs(seed=1)
-    same = float(_expect_loss(mmd_loss(source, source.clone()), "mmd_loss(x, x)").detach())
+    same = float(expect_loss(mmd_loss(source, source.clone()), "mmd_loss(x, x)").detach())
     assert abs(same) < 1e-5, (f"mmd_loss(x, x) should be 0, not {same:.3g}; the biased estimate keeps the "
                               "diagonals (the unbiased one is not 0 here)")
-    values = [float(_expect_loss(mmd_loss(source, source + shift), "mmd_loss(x, x + c)").detach())
+    values = [float(expect_loss(mmd_loss(source, source + shift), "mmd_loss(x, x + c)").detach())
               for shift in (0.3, 1.0, 3.0)]
     assert 0 < values[0] < values[1] < values[2], (
         f"shifting the target by 0.3, 1 and 3 gives MMD² {', '.join(f'{v:.3g}' for v in values)}: it should be "
@@ -442,7 +424,7 @@ def _adabn_net(dropout=True, seed=4):
 
 
 def _target_images(n=24, seed=7):
-    return _randn(n, 3, 8, 8, seed=seed, scale=2.0, shift=1.0)
+    return seeded_randn(n, 3, 8, 8, seed=seed, scale=2.0, shift=1.0)
 
 
 def _statistics(model):
@@ -582,7 +564,7 @@ def test_q6_confident_argmax(pseudo_labels):
 def test_q6_any_batch_and_classes(pseudo_labels):
     """works for any batch size and number of classes: [1, 2] and [7, 10] logits"""
     for b, c, seed in ((1, 2, 11), (7, 10, 12)):
-        logits = _randn(b, c, seed=seed, scale=4.0)
+        logits = seeded_randn(b, c, seed=seed, scale=4.0)
         labels, mask = _pseudo(pseudo_labels, logits, 0.6)
         want_labels, want_mask = _reference_pseudo_labels(logits, 0.6)
         assert torch.equal(labels.long(), want_labels) and torch.equal(mask, want_mask), (
@@ -592,7 +574,7 @@ def test_q6_any_batch_and_classes(pseudo_labels):
 @points(0.5, visibility=HIDDEN)
 def test_q6_matches_reference(pseudo_labels):
     """matches the reference on random logits for thresholds 0, 0.5, 0.8 and 1.01"""
-    logits = _randn(40, 5, seed=8, scale=3.0)
+    logits = seeded_randn(40, 5, seed=8, scale=3.0)
     for threshold in (0.0, 0.5, 0.8, 1.01):
         labels, mask = _pseudo(pseudo_labels, logits, threshold)
         want_labels, want_mask = _reference_pseudo_labels(logits, threshold)

@@ -1,0 +1,92 @@
+"""What the tests of every chapter's exercise set share (``test_grading*.py``): notebooks
+crafted from a solution, graded together, and the expectations each set meets.
+
+Not a test module (pytest collects ``test_*.py`` only); the test modules import it by name,
+as pytest puts ``tests/`` on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tlcourse.grading import extract, grader
+
+
+def crafted(solution: dict, variants: dict, i: int) -> dict:
+    """``solution`` with variant ``i`` in the answer cell of every question that has one.
+
+    ``variants`` maps a question id to its list of variants, each the answer cell's source or
+    a ``(source, text expected in a failure message)`` pair.
+    """
+    nb = copy.deepcopy(solution)
+    for cell in nb["cells"]:
+        options = variants.get(extract.question_of(cell), [])
+        if i < len(options):
+            cell["source"] = options[i][0] if isinstance(options[i], tuple) else options[i]
+    return nb
+
+
+def write_crafted(folder: Path, solution: Path, variants: dict, name: str) -> dict:
+    """Write ``crafted(solution, variants, i)`` for every ``i`` that some question has a variant
+    for, as ``folder/<name><i>.ipynb``; ``{i: path}``."""
+    nb = json.loads(Path(solution).read_text(encoding="utf-8"))
+    paths = {}
+    for i in range(max(len(v) for v in variants.values())):
+        paths[i] = Path(folder) / f"{name}{i}.ipynb"
+        paths[i].write_text(json.dumps(crafted(nb, variants, i)), encoding="utf-8")
+    return paths
+
+
+def grade_together(paths: dict, timeout: float, what: str) -> tuple[dict, float]:
+    """Grade every notebook of ``paths`` (key -> path) in one run (two sandboxes), print the
+    table; ``({key: Submission}, seconds)``."""
+    started = time.monotonic()
+    subs = grader.grade(list(paths.values()), timeout=timeout, jobs=2)
+    seconds = time.monotonic() - started
+    print(f"\n{len(subs)} notebooks of {what} graded in {seconds:.1f} s")
+    print(grader.table(subs))
+    return dict(zip(paths, subs)), seconds
+
+
+def scores(sub) -> dict:
+    return {q.id: q.score for q in sub.questions}
+
+
+def expect_full_marks(sub, full: dict) -> None:
+    assert scores(sub) == full, grader.details(sub)
+    assert sub.score == sub.max_score == sum(full.values()) and not sub.review and not sub.error, grader.details(sub)
+
+
+def expect_zero_with_kind_messages(sub, full: dict) -> None:
+    assert sub.score == 0 and sub.max_score == sum(full.values()) and not sub.error
+    for q in sub.questions:
+        for t in q.tests:
+            assert t.message.startswith("not answered yet") and "Traceback" not in t.message, t.message
+
+
+def expect_points_lost(sub, qid: str, full_points: float, variant: tuple) -> None:
+    """Question ``qid`` of ``sub`` (answered with ``variant``: source, expected text or None)
+    scored below full marks, and a failure message holds the expected text."""
+    source, text = variant
+    q = next(q for q in sub.questions if q.id == qid)
+    assert q.score < full_points, f"a wrong answer got full marks:\n{source}\n{grader.details(sub)}"
+    assert not sub.review, sub.review
+    if text:
+        messages = " | ".join(t.message for t in q.tests if not t.passed)
+        assert text in messages, messages
+
+
+def unanswered_after_run_all(exercise: Path) -> int:
+    """'Run all' on a fresh exercise notebook (it must reach the end); how many outputs say
+    "not answered yet"."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(exercise, as_version=4)
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outputs = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    return sum("not answered yet" in o for o in outputs)
