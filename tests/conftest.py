@@ -9,6 +9,7 @@ import pytest
 # Tests run in the quick profile on the CPU whatever the machine, so thresholds are stable.
 os.environ.setdefault("TLCOURSE_PROFILE", "quick")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TLCOURSE_HEADLESS", "1")  # nbval kernels inherit it: widgets draw static figures
 
 
 @pytest.fixture(scope="session")

@@ -102,3 +102,19 @@ def test_topk_sorted_probabilities():
     assert [name for name, _ in out[0]] == ["b", "c"]
     assert out[1][0][0] == "a" and out[0][0][1] > out[0][1][1]
     assert abs(sum(p for _, p in models.topk(logits, k=3, classes=["a", "b", "c"])[0]) - 1) < 1e-6
+
+
+def test_size_on_disk_is_about_four_bytes_per_parameter():
+    layer = nn.Linear(1000, 100)
+    size = models.size_on_disk(layer)
+    assert 4 * 100_100 <= size < 4 * 100_100 + 4096            # float32 weights plus a small header
+
+
+def test_cpu_latency_is_measured_and_threads_restored():
+    threads = torch.get_num_threads()
+    small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    big = nn.Sequential(nn.Conv2d(3, 64, 7), nn.Conv2d(64, 64, 7), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    fast = models.cpu_latency_ms(small, 32, repeats=5, warmup=1, threads=1)
+    slow = models.cpu_latency_ms(big, 32, repeats=5, warmup=1, threads=1)
+    assert 0 < fast < slow
+    assert torch.get_num_threads() == threads

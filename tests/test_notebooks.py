@@ -48,3 +48,13 @@ def test_results_table_is_regenerated_from_json(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="results"):
         notebooks.update_readme(readme, results)
+
+
+def test_markdown_table_formats_columns():
+    table = notebooks.markdown_table([{"model": "a", "parameters": 1234567, "ms": 1.23456},
+                                      {"model": "b", "parameters": 12, "ms": 0.5}], {"parameters": "{:,}", "ms": "{:.1f}"})
+    lines = table.data.splitlines()
+    assert lines[0] == "| model | parameters | ms |" and lines[1] == "|---|---|---|"
+    assert lines[2] == "| a | 1,234,567 | 1.2 |" and lines[3] == "| b | 12 | 0.5 |"
+    with pytest.raises(ValueError, match="no rows"):
+        notebooks.markdown_table([])

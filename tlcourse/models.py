@@ -167,6 +167,43 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def size_on_disk(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: what shipping the weights costs."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+@torch.inference_mode()
+def cpu_latency_ms(model: nn.Module, image_size: int, repeats: int = 30, warmup: int = 5,
+                   threads: int | None = None) -> float:
+    """Median milliseconds for one image ``[1, 3, S, S]`` through ``model`` on the CPU, in eval
+    mode (a deployed classifier answering one request at a time). ``threads`` sets
+    ``torch.set_num_threads`` for the measurement only (default: as it is). The measurement
+    runs on a copy, so ``model`` keeps its device and mode."""
+    import statistics
+    import time
+
+    model = copy.deepcopy(model).cpu().eval()
+    x = torch.randn(1, 3, image_size, image_size)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    return 1000 * statistics.median(times)
+
+
 @lru_cache(maxsize=1)
 def imagenet_classes() -> tuple[str, ...]:
     """The 1000 ImageNet-1k class descriptions in index order, e.g. ``[281] == "tabby, tabby cat"``.

@@ -78,6 +78,7 @@ def run_notebook(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     old_profile = os.environ.get("TLCOURSE_PROFILE")
+    os.environ["TLCOURSE_HEADLESS"] = "1"  # widgets draw static figures (viz.temperature_slider)
     if profile:
         os.environ["TLCOURSE_PROFILE"] = profile  # the kernel inherits our environment
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False, resources={"metadata": {"path": str(path.parent)}})
@@ -182,3 +183,23 @@ def show_source(obj):
     from IPython.display import Code
 
     return Code(inspect.getsource(obj), language="python")
+
+
+def markdown_table(rows, formats: dict | None = None):
+    """A list of dicts (one per row, same keys) as a Markdown table for ``display``.
+
+    ``formats`` maps a column to a format string, e.g. ``{"parameters": "{:,}"}``; other
+    values are printed with ``str``. Returns an ``IPython.display.Markdown`` object.
+    """
+    from IPython.display import Markdown
+
+    rows = list(rows)
+    if not rows:
+        raise ValueError("no rows to show")
+    formats = formats or {}
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [formats.get(c, "{}").format(row[c]) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return Markdown("\n".join(lines))

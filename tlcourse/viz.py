@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -139,6 +140,75 @@ def plot_domains(embedding: np.ndarray, labels: Sequence[int], is_target: Sequen
     leg = ax.legend(loc="lower right", fontsize=8)
     for handle in leg.legend_handles:
         handle.set_color("grey")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def plot_softened(logits: torch.Tensor, classes: Sequence[str], temperature: float, k: int = 8, ax=None):
+    """Bars of ``softmax(logits / T)`` for the ``k`` classes with the largest logits ``[C]``.
+
+    The classes stay in the same order at every temperature, so a row of these plots shows
+    the probability mass moving from the top class to the runners-up as T grows. The x-axis
+    fits the largest bar; the title gives the mass left for the other ``C - k`` classes.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 2.4))
+    logits = torch.as_tensor(logits).float().flatten()
+    probs = torch.softmax(logits / temperature, dim=0)
+    top = logits.topk(min(k, len(logits))).indices.tolist()
+    values = [probs[i].item() for i in top]
+    ax.barh([classes[i].split(",")[0] for i in top][::-1], values[::-1], color="tab:purple")
+    ax.set_xlim(0, 1.15 * max(values))
+    ax.set_xlabel("probability")
+    ax.set_title(f"T = {temperature:g}: {1 - sum(values):.2f} left for the other {len(logits) - len(top)}",
+                 fontsize=10)
+    ax.tick_params(labelsize=8)
+    return ax
+
+
+def temperature_slider(logits: torch.Tensor, classes: Sequence[str], k: int = 8, temperature: float = 1.0):
+    """An ipywidgets slider over T for :func:`plot_softened` (T from 0.5 to 16, log scale).
+
+    In a live notebook it redraws as the slider moves. Executed headless (``tlcourse run`` and
+    the tests set ``TLCOURSE_HEADLESS=1``), or where ipywidgets is missing, a slider would be
+    saved as a blank widget: the figure for ``temperature`` is drawn once instead, and its
+    axes are returned.
+    """
+    try:
+        import ipywidgets as widgets
+    except ImportError:
+        widgets = None
+    if widgets is None or os.environ.get("TLCOURSE_HEADLESS"):
+        return plot_softened(logits, classes, temperature, k)
+    slider = widgets.FloatLogSlider(value=temperature, base=2, min=-1, max=4, step=0.25,
+                                    description="temperature", continuous_update=False)
+
+    def draw(temperature):
+        plot_softened(logits, classes, temperature, k)
+        plt.show()
+
+    return widgets.interact(draw, temperature=slider)
+
+
+def plot_heatmap(values, rows: Sequence, cols: Sequence, row_label: str, col_label: str, ax=None,
+                 title: str | None = None, fmt: str = "{:.3f}", cmap: str = "viridis"):
+    """A table of numbers ``values [len(rows), len(cols)]`` as a coloured grid, each cell printed."""
+    values = np.asarray(values, dtype=float)
+    if values.shape != (len(rows), len(cols)):
+        raise ValueError(f"values {values.shape} do not match {len(rows)} rows x {len(cols)} columns")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.1 * len(cols) + 1.5, 0.6 * len(rows) + 1.2))
+    image = ax.imshow(values, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    middle = (np.nanmax(values) + np.nanmin(values)) / 2
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=9,
+                color="black" if v > middle else "white")
+    plt.colorbar(image, ax=ax, fraction=0.05)
     if title:
         ax.set_title(title, fontsize=10)
     return ax
