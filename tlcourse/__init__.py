@@ -12,6 +12,7 @@ The notebooks tell the story; these small modules keep the code they share:
 - :mod:`tlcourse.digits`   digit domains: SynDigits, scikit-learn digits, MNIST-M-style blends (chapter 03)
 - :mod:`tlcourse.adapt`    domain adaptation: DANN, CORAL, MMD, AdaBN, self-training, benchmark (chapter 03)
 - :mod:`tlcourse.distill`  knowledge distillation: KD loss with temperature, hints, the loop (chapter 04)
+- :mod:`tlcourse.multitask` overlapping digits, shared backbone + heads, uncertainty weighting, PCGrad (chapter 05)
 - :mod:`tlcourse.viz`      learning curves and image grids
 - :mod:`tlcourse.notebooks` headless notebook execution, Colab badges and setup cells
 - :mod:`tlcourse.cli`      the ``tlcourse`` command

@@ -183,13 +183,14 @@ class DigitNet(nn.Module):
     ``features`` (two conv-BN-ReLU-pool blocks and a 128-unit bottleneck) gives ``[B, 128]``;
     ``head`` is one linear layer. The conv widths 32/48 follow Ganin et al. (2016)'s MNIST
     network; BatchNorm is added so AdaBN has statistics to adapt. Works for any input size
-    ≥ 16 px (the last pooling is adaptive).
+    ≥ 16 px (the last pooling is adaptive). ``in_channels=1`` takes grey ``[B, 1, H, W]``
+    images (chapter 05's overlapping digits use it as their shared backbone).
     """
 
-    def __init__(self, num_classes: int = 10, feature_dim: int = 128):
+    def __init__(self, num_classes: int = 10, feature_dim: int = 128, in_channels: int = 3):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 48, 5, padding=2), nn.BatchNorm2d(48), nn.ReLU(), nn.AdaptiveMaxPool2d(7),
             nn.Flatten(), nn.Dropout(0.3),
             nn.Linear(48 * 7 * 7, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU(),
