@@ -90,3 +90,72 @@ def unanswered_after_run_all(exercise: Path) -> int:
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
     outputs = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     return sum("not answered yet" in o for o in outputs)
+
+
+def exercise_set_tests(chapter: str, solution: Path, full: dict, wrong: dict, right: dict | None = None,
+                       timeout: float = 5.0, budget: float = 40.0) -> dict:
+    """The tests every chapter's exercise set meets, for a test module to adopt with
+    ``globals().update(exercise_set_tests(...))`` (pytest collects them from there).
+
+    ``graded`` (a module fixture) grades the solution, its exercise and the notebooks crafted
+    from ``wrong`` and ``right`` (question -> variants, see :func:`crafted`) in one run. The
+    tests: the solution gets ``full`` marks; the exercise zero with kind messages; every wrong
+    variant loses points with its message; a wrong variant costs only its own question; every
+    right variant keeps full marks; grading takes under ``budget`` seconds; 'Run all' on the
+    exercise reaches the end.
+    """
+    exercise = Path(solution).parent.parent / "exercises" / Path(solution).name
+    right = right or {}
+    rounds = max(len(v) for v in wrong.values())
+
+    @pytest.fixture(scope="module")
+    def graded(tmp_path_factory):
+        """The solution, the exercise and every crafted notebook, graded in one run (two sandboxes)."""
+        folder = tmp_path_factory.mktemp("submissions")
+        paths = {"solution": solution, "exercise": exercise}
+        for kind, variants in (("wrong", wrong), ("right", right)):
+            if variants:
+                made = write_crafted(folder, solution, variants, f"{chapter}_{kind}")
+                paths.update({(kind, i): path for i, path in made.items()})
+        return grade_together(paths, timeout, f"chapter {chapter}")
+
+    def test_solution_gets_full_marks(graded):
+        expect_full_marks(graded[0]["solution"], full)
+
+    def test_exercise_gets_zero_with_kind_messages(graded):
+        expect_zero_with_kind_messages(graded[0]["exercise"], full)
+
+    @pytest.mark.parametrize("case", [(q, i) for q, v in wrong.items() for i in range(len(v))],
+                             ids=lambda c: f"{c[0]}-wrong{c[1]}")
+    def test_wrong_answer_loses_points_with_a_specific_message(graded, case):
+        qid, i = case
+        expect_points_lost(graded[0][("wrong", i)], qid, full[qid], wrong[qid][i])
+
+    @pytest.mark.parametrize("i", range(rounds))
+    def test_a_wrong_answer_costs_only_its_own_question(graded, i):
+        """Questions that kept the solution in a crafted notebook keep their full marks."""
+        got = scores(graded[0][("wrong", i)])
+        kept = {q: got[q] for q in full if i >= len(wrong[q])}
+        assert kept == {q: full[q] for q in kept}, got
+
+    @pytest.mark.parametrize("case", [(q, i) for q, v in right.items() for i in range(len(v))],
+                             ids=lambda c: f"{c[0]}-right{c[1]}")
+    def test_other_correct_answers_keep_full_marks(graded, case):
+        qid, i = case
+        q = next(q for q in graded[0][("right", i)].questions if q.id == qid)
+        failed = " | ".join(f"{t.name}: {t.message}" for t in q.tests if not t.passed)
+        assert q.score == full[qid], f"a correct answer lost points:\n{right[qid][i]}\n{failed}"
+
+    def test_grading_takes_seconds(graded):
+        subs, seconds = graded
+        assert seconds < budget, f"{len(subs)} notebooks took {seconds:.1f} s"
+        assert max(s.seconds for s in subs.values()) < 10
+
+    def test_exercise_notebook_runs_through_without_errors():
+        """'Run all' on a fresh exercise notebook reaches the end: unanswered checks only say so."""
+        assert unanswered_after_run_all(exercise) == len(full)
+
+    tests = {name: fn for name, fn in locals().items() if name.startswith("test_")}
+    if not right:
+        del tests["test_other_correct_answers_keep_full_marks"]
+    return {"graded": graded, **tests}

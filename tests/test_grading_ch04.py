@@ -16,12 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from grading_support import (expect_full_marks, expect_points_lost, expect_zero_with_kind_messages,
-                             grade_together, scores, unanswered_after_run_all, write_crafted)
+from grading_support import exercise_set_tests
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTION = ROOT / "solutions" / "04_distillation.ipynb"
-EXERCISE = ROOT / "exercises" / SOLUTION.name
 FULL = {"q1": 3, "q2": 9, "q3": 4, "q4": 4}
 TIMEOUT = 5.0
 
@@ -157,55 +155,9 @@ RIGHT = {
               "target, reduction='mean')"),
     ],
 }
-ROUNDS = max(len(v) for v in WRONG.values())
 
 
-@pytest.fixture(scope="module")
-def graded(tmp_path_factory):
-    """The solution, the exercise and every crafted notebook, graded in one run (two sandboxes)."""
-    folder = tmp_path_factory.mktemp("submissions")
-    paths = {"solution": SOLUTION, "exercise": EXERCISE}
-    for kind, variants in (("wrong", WRONG), ("right", RIGHT)):
-        paths.update({(kind, i): path for i, path in write_crafted(folder, SOLUTION, variants, f"04_{kind}").items()})
-    return grade_together(paths, TIMEOUT, "chapter 04")
-
-
-def test_solution_gets_full_marks(graded):
-    expect_full_marks(graded[0]["solution"], FULL)
-
-
-def test_exercise_gets_zero_with_kind_messages(graded):
-    expect_zero_with_kind_messages(graded[0]["exercise"], FULL)
-
-
-@pytest.mark.parametrize("case", [(q, i) for q, v in WRONG.items() for i in range(len(v))],
-                         ids=lambda c: f"{c[0]}-wrong{c[1]}")
-def test_wrong_answer_loses_points_with_a_specific_message(graded, case):
-    qid, i = case
-    expect_points_lost(graded[0][("wrong", i)], qid, FULL[qid], WRONG[qid][i])
-
-
-@pytest.mark.parametrize("i", range(ROUNDS))
-def test_a_wrong_answer_costs_only_its_own_question(graded, i):
-    """Questions that kept the solution in a crafted notebook keep their full marks."""
-    got = scores(graded[0][("wrong", i)])
-    kept = {q: got[q] for q in FULL if i >= len(WRONG[q])}
-    assert kept == {q: FULL[q] for q in kept}, got
-
-
-@pytest.mark.parametrize("case", [(q, i) for q, v in RIGHT.items() for i in range(len(v))],
-                         ids=lambda c: f"{c[0]}-right{c[1]}")
-def test_other_correct_answers_keep_full_marks(graded, case):
-    qid, i = case
-    q = next(q for q in graded[0][("right", i)].questions if q.id == qid)
-    failed = " | ".join(f"{t.name}: {t.message}" for t in q.tests if not t.passed)
-    assert q.score == FULL[qid], f"a correct answer lost points:\n{RIGHT[qid][i]}\n{failed}"
-
-
-def test_grading_takes_seconds(graded):
-    subs, seconds = graded
-    assert seconds < 40, f"{len(subs)} notebooks took {seconds:.1f} s"
-    assert max(s.seconds for s in subs.values()) < 10
+globals().update(exercise_set_tests("04", SOLUTION, FULL, WRONG, RIGHT, TIMEOUT))
 
 
 def test_in_notebook_check_names_the_mistake_and_skips_hidden_tests():
@@ -225,11 +177,6 @@ def test_in_notebook_check_names_the_mistake_and_skips_hidden_tests():
     assert text.startswith("❌ q2") and "T² factor" in text
     exec(WRONG["q2"][17][0], ns)  # log(softmax(...)): right on moderate logits
     check("q2", namespace=ns)
-
-
-def test_exercise_notebook_runs_through_without_errors():
-    """'Run all' on a fresh exercise notebook reaches the end: unanswered checks only say so."""
-    assert unanswered_after_run_all(EXERCISE) == len(FULL)
 
 
 # --- the references in checks/ch04.py are tlcourse.distill's functions --------------------

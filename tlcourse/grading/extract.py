@@ -171,8 +171,9 @@ def _defines(source: str, name: str) -> bool:
     try:
         tree = _parse(source)
     except SyntaxError:
-        return re.search(rf"^def\s+{re.escape(name)}\s*\(", source, re.M) is not None
-    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in tree.body)
+        return re.search(rf"^(def|class)\s+{re.escape(name)}\s*[(:]", source, re.M) is not None
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == name
+               for n in tree.body)
 
 
 def build_program(nb: dict, question: str, spec: dict) -> Program:

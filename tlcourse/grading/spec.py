@@ -141,6 +141,18 @@ def close(actual: float, expected: float, rtol: float = 1e-4, atol: float = 1e-7
     return abs(float(actual) - float(expected)) <= atol + rtol * abs(float(expected))
 
 
+def first_match(got: float, want: float, variants) -> str | None:
+    """The message of the first ``(value, message)`` variant (a known mistake's value) that
+    ``got`` equals while the right value ``want`` does not; ``None`` when no known mistake fits."""
+    import math
+
+    for wrong, message in variants:
+        wrong = float(wrong)
+        if math.isfinite(wrong) and close(got, wrong) and not close(wrong, want):
+            return message
+    return None
+
+
 def seeded_randn(*shape: int, seed: int = 0, scale: float = 1.0, shift: float = 0.0):
     """A reproducible ``randn`` tensor (its own generator; the global random state is untouched)."""
     import torch

@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from tlcourse.grading.spec import (close, expect_close, expect_loss, expect_shape, expect_tensor, points,
                                    seeded_randn)
+from tlcourse.grading.spec import first_match as _first_match
 
 QUESTIONS = {
     "q1": {"title": "temperature-softened probabilities", "functions": ["soften"]},
@@ -99,16 +100,6 @@ class _Regressor(nn.Module):
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-def _first_match(got, want, variants):
-    """The message of the first ``(value, message)`` variant that ``got`` equals while the right
-    value ``want`` does not (``None``: no known mistake fits)."""
-    for wrong, message in variants:
-        wrong = float(wrong)
-        if math.isfinite(wrong) and close(got, wrong) and not close(wrong, want):
-            return message
-    return None
-
 
 def _no_gradient(tensor):
     return tensor.grad is None or not bool(tensor.grad.any())
