@@ -513,9 +513,10 @@ def pcgrad_backward(losses: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
 
     The shared parameters receive :func:`pcgrad_combine` of the task gradients; the others
     (``other_params``, e.g. the heads) receive the gradient of ``Σ_t L_t``, which for a head is
-    its own task's gradient alone. That is the paper's Algorithm 1 applied to all parameters:
-    other tasks' gradients are zero on a head, so they neither count in the inner products nor
-    change it. Gradients are *added* to ``.grad`` as ``backward()`` does (zero them first).
+    its own task's gradient alone. This is PCGrad on the shared parameters, as LibMTL applies it.
+    The authors' TensorFlow code projects the whole flattened gradient instead; that differs
+    slightly, because head j's gradient then counts in ‖g_j‖² and a projection onto g_j also
+    changes head j's update. Gradients are *added* to ``.grad`` as ``backward()`` does (zero them first).
     Returns the flat shared update ``[P]``.
     """
     loss_list = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
