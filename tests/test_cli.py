@@ -103,6 +103,20 @@ def test_run_executes_into_build(tmp_path):
     assert (tmp_path / "build" / "good.html").exists()
 
 
+def test_run_notebook_sets_headless_for_the_kernel_only(tmp_path, monkeypatch):
+    from tlcourse import notebooks
+
+    monkeypatch.delenv("TLCOURSE_HEADLESS", raising=False)
+    monkeypatch.setenv("TLCOURSE_PROFILE", "quick")
+    nb = tmp_path / "env.ipynb"
+    _notebook(nb, ["import os\nprint('headless', os.environ.get('TLCOURSE_HEADLESS'), os.environ['TLCOURSE_PROFILE'])"])
+    result = notebooks.run_notebook(nb, out_dir=tmp_path / "build", profile="full", html=False)
+    assert result.ok, result.error
+    assert "headless 1 full" in result.executed.read_text()
+    # A live session that called it keeps interactive widgets and its own profile.
+    assert "TLCOURSE_HEADLESS" not in os.environ and os.environ["TLCOURSE_PROFILE"] == "quick"
+
+
 def test_run_fails_loudly_and_shows_the_cell(tmp_path):
     bad = tmp_path / "bad.ipynb"
     _notebook(bad, ["x = 1", "assert x == 2, 'the claim does not hold'", "print('never')"])

@@ -174,6 +174,7 @@ def distill(student: nn.Module, images: torch.Tensor, labels: torch.Tensor | Non
     start = time.perf_counter()
     for _ in range(epochs):
         student.train()
+        step_losses = []
         order = torch.randperm(len(images), generator=gen).to(device)
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
@@ -185,7 +186,8 @@ def distill(student: nn.Module, images: torch.Tensor, labels: torch.Tensor | Non
             loss.backward()
             opt.step()
             sched.step()
-            history["loss"].append(loss.item())
+            step_losses.append(loss.detach())   # .item() every step would wait for a GPU
+        history["loss"] += torch.stack(step_losses).cpu().tolist()
     student = student.to(memory_format=torch.contiguous_format)
     student.eval()
     if teacher is not None and any(not torch.equal(a, b) for a, b in zip(before, _fingerprint(teacher))):

@@ -77,10 +77,12 @@ def run_notebook(
         return RunResult(path, ok=False, seconds=0.0, error=f"{path} is not a readable notebook: {exc}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    old_profile = os.environ.get("TLCOURSE_PROFILE")
-    os.environ["TLCOURSE_HEADLESS"] = "1"  # widgets draw static figures (viz.temperature_slider)
-    if profile:
-        os.environ["TLCOURSE_PROFILE"] = profile  # the kernel inherits our environment
+    # The kernel inherits our environment: the profile, and HEADLESS so widgets draw static
+    # figures (viz.temperature_slider). Both are restored afterwards, so calling this from a
+    # live session leaves that session's widgets interactive.
+    settings = {"TLCOURSE_HEADLESS": "1", **({"TLCOURSE_PROFILE": profile} if profile else {})}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False, resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     result = RunResult(path, ok=True, seconds=0.0)
@@ -95,11 +97,11 @@ def run_notebook(
         result.error = str(exc)
         result.failing_cell = _failing_cell_source(nb)
     finally:
-        if profile:
-            if old_profile is None:
-                os.environ.pop("TLCOURSE_PROFILE", None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
             else:
-                os.environ["TLCOURSE_PROFILE"] = old_profile
+                os.environ[key] = value
     result.seconds = time.perf_counter() - start
     # Keep the repository's folders (notebooks/, solutions/) so same-named files don't collide.
     relative = path.relative_to(ROOT) if path.is_relative_to(ROOT) else Path(path.name)
