@@ -58,3 +58,24 @@ def test_markdown_table_formats_columns():
     assert lines[2] == "| a | 1,234,567 | 1.2 |" and lines[3] == "| b | 12 | 0.5 |"
     with pytest.raises(ValueError, match="no rows"):
         notebooks.markdown_table([])
+
+
+def test_readme_lists_every_notebook_with_its_badge():
+    readme = (ROOT / "README.md").read_text()
+    for path in CHAPTERS + EXERCISES:
+        relative = path.relative_to(ROOT)
+        assert notebooks.colab_badge(relative) in readme, f"README's course table lacks {relative}"
+
+
+def test_readme_commands_install_every_extra_the_notebooks_need():
+    # The Keras companions run in the test suite, so the README's two commands must install
+    # TensorFlow: bootstrap's default extras must exist in pyproject and include `tensorflow`.
+    import tomllib
+
+    from tlcourse import bootstrap
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    wanted = bootstrap.EXTRAS.split(",")
+    assert "tensorflow" in wanted and "dev" in wanted
+    assert set(wanted) <= set(extras)
+    assert any(req.startswith("keras>=3") for req in extras["tensorflow"])

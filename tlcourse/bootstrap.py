@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("TLCOURSE_VENV", ROOT / ".venv"))
 LANDING = "notebooks/00_setup_and_first_look.ipynb"
-EXTRAS = os.environ.get("TLCOURSE_EXTRAS", "dev")
+# dev: pytest, nbval, JupyterLab; tensorflow: the Keras companions (tensorflow-cpu adds ~20 s here).
+EXTRAS = os.environ.get("TLCOURSE_EXTRAS", "dev,tensorflow")
 STAMP = VENV / ".tlcourse-install-stamp"
 
 
