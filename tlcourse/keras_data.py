@@ -14,12 +14,16 @@ same photos in both frameworks, and turn them into ``tf.data`` pipelines here:
 
 Why not ``keras.utils.image_dataset_from_directory``: it decodes every JPEG again each epoch
 (or needs ``.cache()`` after a resize that stretches or crops to the final size, leaving no room
-for a random crop), and it cannot read the bundled array datasets used offline. The crop
-geometry here matches the PyTorch chapters (resize to size / 0.875, centre crop).
+for a random crop, unless resized to the decode size and cropped in a second step), and it cannot
+read the bundled array datasets used offline. The crop geometry is the PyTorch chapters': decode to
+a side of about ``size / 0.875``, centre crop ``size``. Pass the side their pipeline uses to match
+it to the pixel (:func:`side_for` is timm's rule, chapter 01's; chapters 02 and 04 use
+``finetune.short_side_for``, which rounds up).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -48,8 +52,13 @@ class Decoded:
 
 
 def side_for(image_size: int) -> int:
-    """Side of the decoded square from which a centre crop of ``image_size`` is taken (224 -> 256)."""
-    return int(round(image_size / CROP_FRACTION))
+    """Side of the decoded square from which a centre crop of ``image_size`` is taken (224 -> 256).
+
+    timm's rule, ``floor(image_size / 0.875)`` (160 -> 182), so that a Keras pipeline sees the same
+    geometry as ``models.preprocess`` (chapter 01). Chapters 02 and 04 decode with
+    ``finetune.short_side_for``, which rounds up (128 -> 147); pass that side to match them.
+    """
+    return int(math.floor(image_size / CROP_FRACTION))
 
 
 def _square(image: tf.Tensor, side: int) -> np.ndarray:
@@ -106,7 +115,9 @@ def pipeline(decoded: Decoded, image_size: int, batch_size: int = 32, train: boo
 
     ``train=False``: centre crops, in order. ``train=True``: shuffled every epoch, a random
     ``S x S`` crop and a random horizontal flip per image. The randomness is stateless and drawn
-    from ``seed``, so the same seed gives the same batches and crops, epoch for epoch.
+    from ``seed``, so the same seed gives the same batches and crops, epoch for epoch. Iterating
+    the *same* dataset object again continues its random stream (the next epoch's crops): build a
+    new pipeline to replay it, e.g. for two runs that must see the same batches.
     """
     side = decoded.images.shape[1]
     if image_size > side:

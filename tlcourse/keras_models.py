@@ -8,11 +8,14 @@ hub this course cannot assume, which is why the network is built here.
 
 The port is exact because both follow TensorFlow's original model:
 
-- TF "same" padding. For a stride-2 convolution it pads ``(k - 1) // 2`` on the top/left and the
-  rest on the bottom/right, i.e. asymmetrically; timm reproduces this with ``Conv2dSame``, Keras
-  does it natively with ``padding="same"``.
-- ReLU6 activations, no squeeze-and-excitation (the "Lite" changes, Tan & Le 2019 / the
-  EfficientNet-Lite release notes), BatchNorm epsilon 1e-3.
+- TF "same" padding. A side ``n`` with kernel ``k`` and stride ``s`` is padded by
+  ``total = max((ceil(n / s) - 1) * s + k - n, 0)``: ``total // 2`` before (top/left), the rest
+  after. At stride 2 an even side gets one pixel more after than before; an odd side is padded
+  symmetrically. timm reproduces this with ``Conv2dSame``, Keras does it natively with
+  ``padding="same"``.
+- ReLU6 activations, no squeeze-and-excitation, stem and head not rescaled (the "Lite" changes of
+  the EfficientNet-Lite release, Liu 2020, to the EfficientNet of Tan & Le 2019), BatchNorm
+  epsilon 1e-3.
 - Kernel layouts: PyTorch stores a convolution ``[out, in, kh, kw]``, Keras ``[kh, kw, in, out]``;
   a depthwise convolution ``[C, 1, kh, kw]`` versus ``[kh, kw, C, 1]``; a dense layer
   ``[out, in]`` versus ``[in, out]``. Images are ``[N, C, H, W]`` in PyTorch and ``[N, H, W, C]``
@@ -59,7 +62,7 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, conv: str, bn: str, act:
 
 
 def _block(x, kind: str, kernel: int, stride: int, expand: int, out: int, name: str):
-    """One block ``[N, H, W, C_in] -> [N, H/stride, W/stride, out]`` named like timm's."""
+    """One block ``[N, H, W, C_in] -> [N, ceil(H/stride), ceil(W/stride), out]`` named like timm's."""
     in_channels = x.shape[-1]
     shortcut = x
     if kind == "ds":  # depthwise-separable: depthwise conv, then a linear 1x1 projection
@@ -92,7 +95,7 @@ def efficientnet_lite0(
     itself (the weights were trained with mean = std = 0.5 on ``[0, 1]`` pixels).
     ``include_top=True`` gives the ImageNet classifier, logits ``[N, classes]``;
     ``include_top=False`` the backbone, ``[N, 1280]`` with ``pooling="avg"`` or the feature map
-    ``[N, H/32, W/32, 1280]`` with ``pooling=None``. ``weights="imagenet"`` ports the PyTorch
+    ``[N, ceil(H/32), ceil(W/32), 1280]`` with ``pooling=None``. ``weights="imagenet"`` ports the PyTorch
     weights (:func:`port_lite0_weights`); ``None`` leaves Keras's random initialisation.
     """
     if weights not in ("imagenet", None):
@@ -204,9 +207,80 @@ def topk(logits, k: int = 5, classes: Sequence[str] | None = None) -> list[list[
     return models.topk(torch.as_tensor(np.asarray(logits)), k=k, classes=classes)
 
 
+def _all_layers(layer) -> list:
+    """``layer`` and every layer nested in it, depth first (public API only)."""
+    found = [layer]
+    for child in getattr(layer, "layers", []):
+        found += _all_layers(child)
+    return found
+
+
 def batchnorm_layers(model: keras.Model) -> list:
-    """Every ``BatchNormalization`` layer in ``model``, nested models included."""
-    return [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    """Every ``BatchNormalization`` layer in ``model``, nested models included, in build order."""
+    return [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def freeze_batchnorm(model: keras.Model) -> keras.Model:
+    """Set ``trainable = False`` on every BatchNorm layer of ``model`` (after unfreezing it).
+
+    A non-trainable Keras BatchNorm layer always runs in inference mode: it normalises with its
+    moving statistics and never updates them, whatever ``training`` flag reaches it. In Keras 3
+    this is the reliable way to fine-tune with BN in inference mode; ``base(x, training=False)``
+    written into a functional model is overridden by ``fit`` once the base is trainable
+    (keras-team/keras#20285; measured in notebook 02 Keras). Recompile afterwards.
+    """
+    for layer in batchnorm_layers(model):
+        layer.trainable = False
+    return model
+
+
+def classifier(num_classes: int, base: keras.Model | None = None, dropout: float = 0.2,
+               seed: int | None = None) -> tuple[keras.Model, keras.Model]:
+    """A new head on a frozen EfficientNet-Lite0: ``(model, base)``, pixels ``[N, H, W, 3]`` -> logits ``[N, C]``.
+
+    The Keras guides' layout: ``inputs -> base(inputs, training=False) -> Dropout -> Dense``, with
+    ``base.trainable = False`` (phase 1 of fine-tuning: only the head trains). ``seed`` seeds
+    Keras (Python, NumPy, TensorFlow) before the head is initialised.
+    """
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    base = efficientnet_lite0(include_top=False, pooling="avg") if base is None else base
+    base.trainable = False
+    inputs = keras.Input((None, None, 3))
+    x = base(inputs, training=False)
+    if dropout:
+        x = keras.layers.Dropout(dropout)(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x)), base
+
+
+def count_parameters(model: keras.Model, trainable_only: bool = False) -> int:
+    """Numbers in the model's weights, as ``tlcourse.models.count_parameters`` counts them in PyTorch.
+
+    BatchNorm moving statistics are state, not parameters (PyTorch keeps them as buffers), so they
+    are left out; Keras's own ``count_params()`` includes them.
+    """
+    weights = model.trainable_weights if trainable_only else [w for w in model.weights if "moving_" not in w.path]
+    return sum(int(np.prod(w.shape)) for w in weights)
+
+
+def cpu_latency_ms(model: keras.Model, image_size: int, repeats: int = 30, warmup: int = 5) -> float:
+    """Median milliseconds for one image ``[1, S, S, 3]`` through ``model`` (an eager call, inference mode).
+
+    Eager calls carry a fixed Python/TensorFlow overhead per call, so at batch 1 this understates
+    the speed-up of a small model; export (e.g. TensorFlow Lite) before comparing deployments.
+    """
+    import statistics
+    import time
+
+    x = np.zeros((1, image_size, image_size, 3), np.float32)
+    for _ in range(warmup):
+        model(x, training=False)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x, training=False)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def batchnorm_moving_stats(model: keras.Model) -> np.ndarray:
