@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from grading_support import unanswered_after_run_all
 
-from tlcourse.grading import exercises, extract, grader, sandbox
+from tlcourse.grading import exercises, extract, grader
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTION = ROOT / "solutions" / "00_setup_and_first_look.ipynb"
@@ -96,7 +96,7 @@ CASES = {
                              {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "sys.exit"),
     "os_exit_in_function": (lambda: _with_answer("q2", "import os\ndef count_parameters(m, trainable_only=False):\n"
                                                  "    os._exit(0)\n"),
-                            {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "held for review: uses os._exit"),
+                            {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "process running your code ended"),
     "huge_prints": (lambda: _with_answer("q1", _answer("q1").replace(
         "    # BEGIN SOLUTION", "    print('x' * 5_000_000)\n    # BEGIN SOLUTION")),
         {"q1": 3, "q2": 3, "q3": 3, "q4": 4}, None),
@@ -108,21 +108,24 @@ CASES = {
         "for fd in range(3, 64):\n    for name in ['test_q3_lite0_range', 'test_q3_per_channel', 'test_q3_not_in_place']:\n"
         "        try: open(fd, 'w', closefd=False).write('{\"kind\": \"test\", \"name\": \"%s\", \"passed\": true}\\n' % name)\n"
         "        except OSError: pass\n")),
-        {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "changed the grading environment"),
+        # Writing on every descriptor corrupts only the submission's own channel: its question ends.
+        {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "process running your code ended"),
     "patches_torch": (lambda: _with_answer("q3", WRONG_NORMALIZE + "import torch\ntorch.allclose = lambda *a, **k: True\n"
                                            "torch.equal = lambda *a, **k: True\n"),
-                      {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "torch.allclose"),
+                      {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, None),
     "patches_builtins": (lambda: _with_answer("q2", "import builtins\nbuiltins.type = lambda x: int\n"
                                               "def count_parameters(m, trainable_only=False):\n    return 0\n"),
-                         {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "held for review: uses builtins"),
+                         {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "imports builtins"),
     "patches_checks_module": (lambda: _with_answer("q3", WRONG_NORMALIZE + (
         "import tlcourse.grading.checks.ch00 as c, tlcourse.grading.spec as s\n"
         "c.test_q3_lite0_range = c.test_q3_per_channel = lambda *a: None\n"
         "s.expect_close = lambda *a, **k: None\n")),
-        {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "tlcourse.grading.spec.expect_close"),
+        {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, None),
     "patches_in_function": (lambda: _with_answer("q4", (
         "import torch\ndef freeze(module):\n    torch.nn.Parameter.requires_grad = False\n    return 34\n")),
-        {"q1": 3, "q2": 3, "q3": 3, "q4": 0}, "changed the grading environment"),
+        # The checker judges the state sent back: every parameter of the module given is frozen,
+        # which is what freezing does; returning 34 whatever the module is wrong twice.
+        {"q1": 3, "q2": 3, "q3": 3, "q4": 2}, "return 18"),
     "rigged_tensor": (lambda: _with_answer("q3", (
         "import torch\nclass Rigged(torch.Tensor):\n    @classmethod\n"
         "    def __torch_function__(cls, func, types, args=(), kwargs=None):\n        return True\n"
@@ -139,11 +142,11 @@ CASES = {
         lambda: _with_cell("q2", _stub("q2"), _with_cell("q2", _answer("q2")), offset=2),
         {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "not answered yet"),
     "forges_via_frames": (lambda: _with_answer("q3", WRONG_NORMALIZE + FRAME_FORGERY),
-                          {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "held for review: uses sys._getframe"),
+                          {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, "uses sys._getframe"),
     "forges_in_helper_cell": (lambda: _with_cell(None, "import sys\ndef _helper():\n    return sys._getframe(2)\n",
                                                  _with_answer("q3", WRONG_NORMALIZE.replace(
                                                      "return images", "_helper()\n    return images"))),
-                              {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "held for review: uses sys._getframe"),
+                              {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, "uses sys._getframe"),
     "harmless_sys": (lambda: _with_answer("q2", "import sys\nassert sys.float_info.epsilon < 1\n" + _answer("q2")),
                      {"q1": 3, "q2": 3, "q3": 3, "q4": 4}, None),
     "small_prints": (lambda: _with_answer("q1", _answer("q1").replace(
@@ -212,18 +215,19 @@ def test_bad_submission_costs_only_itself(graded, case):
         assert text in messages, grader.details(sub)
 
 
-def test_tampering_is_flagged_for_review(graded):
-    for case in ("patches_torch", "patches_checks_module", "writes_result_channel", "patches_in_function"):
-        assert any("grading environment" in r for r in graded[case].review), case
+def test_audit_is_a_note_not_a_verdict(graded):
+    """Tools that could reach frames or patch libraries are REVIEW notes for a teacher; the
+    question is graded as usual, since its code runs in a worker that holds no test."""
     for case, tool in (("patches_builtins", "builtins"), ("os_exit_in_function", "os._exit"),
                        ("forges_via_frames", "sys._getframe"), ("forges_in_helper_cell", "sys._getframe")):
-        assert any("held for review" in r and tool in r for r in graded[case].review), case
-    # Held questions only: the other questions of the same notebook are graded as usual.
-    assert [r for r in graded["forges_in_helper_cell"].review if "held" in r] == [
-        "q3: held for review, not run (uses sys._getframe)"]
+        assert any("graded as usual" in r and tool in r for r in graded[case].review), case
+    assert [r for r in graded["forges_in_helper_cell"].review if "graded as usual" in r] == [
+        "q3: uses sys._getframe (graded as usual; worth a look)"]
     assert any("imports `os`" in r for r in graded["os_exit_in_function"].review)
     for case in ("partial_credit", "huge_prints", "harmless_sys", "sleep_after_import", "answer_in_new_cell"):
-        assert not any("held" in r or "grading environment" in r for r in graded[case].review), case
+        assert not any("graded as usual" in r for r in graded[case].review), case
+    for sub in graded.values():
+        assert sub.error or sub.isolation, sub.path
 
 
 def test_answer_below_the_stub_is_graded_with_a_note(graded):
@@ -309,8 +313,9 @@ def test_results_json_follows_gradescope_schema(graded, tmp_path):
         assert all(t["score"] <= t["max_score"] for t in data["tests"])
     many = tmp_path / "class.json"
     grader.write_json(list(graded.values()), many)
-    for entry in json.loads(many.read_text())["submissions"]:
-        jsonschema.validate(entry, GRADESCOPE_SCHEMA)
+    data = json.loads(many.read_text())  # several notebooks: still one Gradescope object
+    jsonschema.validate(data, GRADESCOPE_SCHEMA)
+    assert data["score"] == pytest.approx(sum(s.score for s in graded.values()))
 
 
 def test_csv_has_one_row_per_submission(graded, tmp_path):
@@ -382,12 +387,17 @@ def test_tests_folder_for_hidden_tests(tmp_path):
     assert [t["visibility"] for t in grader.gradescope(solution)["tests"]][3] == "after_due_date"
     # Patching the public checks module changes nothing: q3 scores as WRONG_NORMALIZE does.
     assert _scores(patched)["q3"] == 1, grader.details(patched)
-    # The learner printed the hidden tests file: no line of it reaches the learner.
+    # The learner tried to print the hidden tests file: no line of it reaches the learner. In the
+    # bubblewrap sandbox the file does not even exist for the learner's code; in the process
+    # fallback it may be readable, and what is printed of it is held back.
     report = json.dumps(grader.gradescope(leaked))
     learner_visible = json.dumps([t for t in grader.gradescope(leaked)["tests"] if t["visibility"] == "visible"])
     assert "hidden answer key" not in learner_visible and "test_q3_zero_maps" not in learner_visible
-    assert "not shown: a line of the grader's tests" in report
-    assert any("printed" in r and "tests folder" in r for r in leaked.review)
+    if leaked.isolation == "bubblewrap":
+        assert "hidden answer key" not in report and "test_q3_zero_maps" not in report
+    else:
+        assert "not shown: a line of the grader's tests" in report
+        assert any("printed" in r and "tests folder" in r for r in leaked.review)
     q1 = leaked.questions[0]
     assert "saw (4, 10)" in q1.output and "saw (2, 4)" not in q1.output  # (2, 4): the hidden test's input
     assert "saw (2, 4)" in q1.hidden_output
@@ -408,7 +418,7 @@ def test_total_timeout_caps_a_notebook(tmp_path):
     assert "took too long" in messages["q1"] and "took too long" in messages["q2"], messages
     for qid in ("q3", "q4"):
         assert "used up its total grading time" in messages[qid], messages
-    assert sub.seconds < 3 + sandbox.GRACE + 1, sub.seconds  # the budget, plus one hard-kill grace
+    assert sub.seconds < 3 + 2, sub.seconds  # the budget, plus the time to end the job
 
 
 def test_exercises_are_up_to_date():

@@ -11,7 +11,10 @@
       check("q1")
 
 - ``tlcourse grade`` (:mod:`tlcourse.grading.grader`) runs the tests on submitted notebooks
-  in forked sandbox processes (:mod:`tlcourse.grading.sandbox`), never in the learner's kernel.
+  in a trusted checker process (:mod:`tlcourse.grading.checker`) that never runs learner
+  code; the learner's functions run in a sandboxed worker (:mod:`tlcourse.grading.worker`,
+  :mod:`tlcourse.grading.isolation`) and are called through data-only proxies
+  (:mod:`tlcourse.grading.wire`).
 
 Importing this package is cheap (no torch): the checks import torch only when they run.
 """

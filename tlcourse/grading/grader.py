@@ -1,16 +1,26 @@
-"""``tlcourse grade``: score submitted notebooks with per-question sandboxes.
+"""``tlcourse grade``: score submitted notebooks; learner code and tests never share a process.
 
-Flow for each notebook: read it (a corrupt file costs that file only), find its chapter
-(``--chapter``, notebook metadata, or the ``NN_`` file-name prefix), build one program per
-question (:mod:`tlcourse.grading.extract`), run each in the sandbox
-(:mod:`tlcourse.grading.sandbox`) under a per-question timeout and a per-notebook budget,
-and add up the points of the tests that passed. Several sandboxes grade a class in
-parallel. This process itself never runs learner code and never imports torch.
+Three kinds of process, from the teacher's side outwards:
+
+- this one (the grader): reads each notebook (a corrupt file costs that file only), finds its
+  chapter (``--chapter``, notebook metadata, or the ``NN_`` file-name prefix), builds one
+  program per question (:mod:`tlcourse.grading.extract`) and keeps the books. It never runs
+  learner code and never imports torch;
+- a *checker* per grading thread (:mod:`tlcourse.grading.checker`): loads the tests (hidden
+  ones included, which exist nowhere else), runs them, and is the grader's only source of
+  results;
+- the checker's *worker* (:mod:`tlcourse.grading.worker`), walled off by the operating system
+  (:mod:`tlcourse.grading.isolation`): runs the learner's code; tests call its functions
+  through proxies that move only data (:mod:`tlcourse.grading.wire`).
+
+Each question runs under a per-question timeout and a per-notebook budget; several checkers
+grade a class in parallel.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import queue
@@ -32,7 +42,7 @@ DEFAULT_MAX_OUTPUT = 1000    # characters of a question's printed output shown a
 DEFAULT_MEMORY_MB = 4096     # address space a question's process may add
 PACKAGE_CHECKS = Path(__file__).resolve().parent / "checks"
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
-         "from tlcourse.grading.sandbox import main; main()")
+         "from tlcourse.grading.checker import main; main()")
 
 
 @dataclass
@@ -74,8 +84,9 @@ class Submission:
     questions: list[QuestionResult] = field(default_factory=list)
     error: str | None = None            # the whole notebook could not be graded (why)
     notes: list[str] = field(default_factory=list)
-    review: list[str] = field(default_factory=list)  # for the teacher: audit and tamper flags
+    review: list[str] = field(default_factory=list)  # for the teacher: audit notes
     seconds: float = 0.0
+    isolation: str = ""                 # how learner code was walled off (isolation.describe)
 
     @property
     def name(self) -> str:
@@ -130,11 +141,13 @@ class GradingError(Exception):
     """A problem with the grading set-up itself (not with a submission)."""
 
 
-class Sandbox:
-    """A zygote process (``tlcourse.grading.sandbox``) and a line-based channel to it."""
+class CheckerProcess:
+    """A checker process (:mod:`tlcourse.grading.checker`: the tests, trusted) with its
+    sandboxed worker (learner code), and a line-based channel to the checker."""
 
-    def __init__(self, start_timeout: float = 180.0):
+    def __init__(self, start_timeout: float = 180.0, level: str = ""):
         self.start_timeout = start_timeout
+        self.level = level
         self.proc = None
         self._buf = b""
         self._n = 0
@@ -145,16 +158,18 @@ class Sandbox:
         self._log = tempfile.TemporaryFile()
         # -I: no PYTHONPATH, no user site, no current directory on sys.path.
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _BOOT, root], stdin=subprocess.PIPE,
+            [sys.executable, "-I", "-c", _BOOT, root, self.level], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self._log, start_new_session=True,
         )
         self._buf = b""
         ready = self._readline(time.monotonic() + self.start_timeout)
-        if not ready or not json.loads(ready).get("ready"):
+        info = json.loads(ready) if ready else {}
+        if not info.get("ready"):
             self._log.seek(0)
             tail = self._log.read()[-2000:].decode("utf-8", "replace")
             self.close()
-            raise GradingError(f"the grading sandbox did not start:\n{tail}")
+            raise GradingError(f"the grading sandbox did not start: {info.get('fatal', '')}\n{tail}")
+        self.level = info.get("isolation", self.level)
 
     def request(self, job: dict, timeout: float) -> dict | None:
         """Send ``job``; its reply, or None when the zygote itself failed (then restarted)."""
@@ -217,16 +232,6 @@ def find_suites(tests_dir: str | Path | None) -> dict[str, Path]:
     return found
 
 
-def public_checks_sources() -> dict[str, list[str]]:
-    """module name -> [file, source] of ``tlcourse.grading.checks`` and its modules, read
-    once: the sandbox loads these (not the live modules) when hidden tests import them."""
-    out = {}
-    for path in sorted(PACKAGE_CHECKS.glob("*.py")):
-        name = "tlcourse.grading.checks" + ("" if path.stem == "__init__" else f".{path.stem}")
-        out[name] = [str(path), path.read_text(encoding="utf-8")]
-    return out
-
-
 def grade(paths, tests_dir=None, chapter=None, timeout=DEFAULT_TIMEOUT,
           total_timeout=DEFAULT_TOTAL_TIMEOUT, jobs=None, max_output=DEFAULT_MAX_OUTPUT,
           memory_mb=DEFAULT_MEMORY_MB, progress=None) -> list[Submission]:
@@ -239,6 +244,10 @@ def grade(paths, tests_dir=None, chapter=None, timeout=DEFAULT_TIMEOUT,
     if jobs is not None and int(jobs) < 1:
         raise GradingError(f"jobs must be at least 1, not {jobs}")
     available = find_suites(tests_dir)
+    from tlcourse.grading import isolation
+
+    isolation.check_tests_hidden(tests_dir)
+    level = isolation.available_level()
     suites: dict[str, Suite] = {}
     paths = [str(p) for p in paths]
     jobs = max(1, min(jobs or min(4, os.cpu_count() or 1), len(paths) or 1))
@@ -248,9 +257,9 @@ def grade(paths, tests_dir=None, chapter=None, timeout=DEFAULT_TIMEOUT,
     results: list[Submission | None] = [None] * len(paths)
     lock = threading.Lock()
     opts = dict(timeout=float(timeout), total_timeout=float(total_timeout),
-                max_output=int(max_output), memory_mb=int(memory_mb), modules=public_checks_sources())
+                max_output=int(max_output), memory_mb=int(memory_mb))
 
-    def suite_for(ch: str, sandbox: Sandbox) -> Suite:
+    def suite_for(ch: str, sandbox: CheckerProcess) -> Suite:
         with lock:
             if ch not in suites:
                 suites[ch] = Suite.read(ch, available[ch])
@@ -269,7 +278,7 @@ def grade(paths, tests_dir=None, chapter=None, timeout=DEFAULT_TIMEOUT,
 
     def worker():
         try:
-            sandbox = Sandbox()
+            sandbox = CheckerProcess(level=level)
         except GradingError as exc:
             errors.append(exc)
             return
@@ -281,6 +290,7 @@ def grade(paths, tests_dir=None, chapter=None, timeout=DEFAULT_TIMEOUT,
                     return
                 try:
                     results[index] = _grade_one(path, chapter, available, suite_for, sandbox, opts)
+                    results[index].isolation = sandbox.level
                 except GradingError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a grader bug must not lose a submission
@@ -353,20 +363,17 @@ def _grade_one(path, chapter_override, available, suite_for, sandbox, opts) -> S
             msg = (f"no answer found for {qid}: no code cell is marked as question {qid} or defines "
                    f"{names}. Was the cell deleted, or the function renamed?")
             q.tests = [_failed(t, msg) for t in tests]
-        elif prog.hatches:
-            # Code that can reach the grader's own frames or process could forge a pass:
-            # it is not run, and a person decides.
-            why = "; ".join(prog.hatches[:4]) + (" ..." if len(prog.hatches) > 4 else "")
-            msg = f"held for review: uses {_uses(prog.hatches)}; a teacher must look at it (scored 0 for now)"
-            q.tests = [_failed(t, msg) for t in tests]
-            sub.review.append(f"{qid}: held for review, not run ({why})")
         elif left <= 0:
             q.tests = [_failed(t, "not graded: this notebook used up its total grading time") for t in tests]
         else:
+            if prog.hatches:
+                # Only a note: the tests run in another process that this code cannot reach.
+                why = "; ".join(prog.hatches[:4]) + (" ..." if len(prog.hatches) > 4 else "")
+                sub.review.append(f"{qid}: {why} (graded as usual; worth a look)")
             limit = min(opts["timeout"], left)
             job = {"kind": "run", "question": qid, "tests_source": suite.source,
                    "tests_file": str(suite.path), "timeout": limit, "max_output": opts["max_output"],
-                   "memory_mb": opts["memory_mb"], "modules": opts["modules"],
+                   "memory_mb": opts["memory_mb"],
                    "snippets": [vars(s) for s in prog.snippets]}
             reply = sandbox.request(job, timeout=limit + 30)
             if not reply or "fatal" in reply:
@@ -379,8 +386,6 @@ def _grade_one(path, chapter_override, available, suite_for, sandbox, opts) -> S
                                       by_name[t["name"]]["passed"], by_name[t["name"]]["message"])
                            for t in tests]
                 q.seconds = reply["seconds"]
-                if reply["tamper"]:
-                    sub.review.append(f"{qid}: changed the grading environment ({reply['tamper']})")
                 for key, attr in (("output", "output"), ("hidden_output", "hidden_output")):
                     if reply.get(f"{key}_bytes"):
                         shown, scrubbed = _scrub(reply[key], suite.secret_lines)
@@ -510,34 +515,96 @@ def gradescope(sub: Submission) -> dict:
             "visibility": "visible", "stdout_visibility": "hidden", "tests": tests}
 
 
-def write_json(subs: list[Submission], path: str | Path) -> None:
-    """One submission: Gradescope's object. Several: ``{"submissions": [...]}``, each entry
-    the same object plus its ``file``."""
-    if len(subs) == 1:
+def _labels(paths: list[str]) -> list[str]:
+    """How each notebook is named in a report: its file name, or, when two notebooks share
+    a file name (``a/01.ipynb``, ``b/01.ipynb``), its path below their common folder."""
+    names = [Path(p).name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    try:
+        common = os.path.commonpath([str(Path(p).parent) for p in paths])
+    except ValueError:  # relative and absolute paths mixed
+        return [str(p) for p in paths]
+    return [os.path.relpath(p, common or ".") for p in paths]
+
+
+def gradescope_all(subs: list[Submission], pending=()) -> dict:
+    """Several notebooks of ONE Gradescope submission as one ``results.json`` object.
+
+    The score and execution time are the sums over the notebooks; each test is named
+    ``"<notebook> · <question>: <expectation>"``; the overall ``output`` says each notebook's
+    score or error; each notebook's instructor-only review entry stays hidden. ``pending``
+    (paths not graded yet) makes a partial file, written while grading, say what is missing.
+    ``extra_data.notebooks`` keeps one record per file for the teacher.
+    """
+    pending = [str(p) for p in pending]
+    labels = _labels([s.path for s in subs] + pending)
+    tests, lines, records = [], [], []
+    for sub, label in zip(subs, labels):
+        one = gradescope(sub)
+        tests.extend(dict(t, name=f"{label} · {t['name']}") for t in one["tests"])
+        lines.append(f"{label}: {one['output']}")
+        records.append({"file": sub.path, "chapter": sub.chapter, "score": sub.score,
+                        "max_score": sub.max_score, "error": sub.error})
+    for label in labels[len(subs):]:
+        lines.append(f"{label}: not graded yet (grading was still running when this was written)")
+    score = sum(s.score for s in subs)
+    n = len(subs) + len(pending)
+    head = (f"{n} notebook{'s' if n != 1 else ''}: {_fmt(score)} of "
+            f"{_fmt(sum(s.max_score for s in subs))} points" + (
+                f" so far ({len(pending)} not graded yet)." if pending else "."))
+    return {"score": score, "execution_time": round(sum(s.seconds for s in subs), 3),
+            "output": "\n".join([head, *lines]), "visibility": "visible", "stdout_visibility": "hidden",
+            "tests": tests, "extra_data": {"notebooks": records}}
+
+
+def write_json(subs: list[Submission], path: str | Path, pending=()) -> None:
+    """Write Gradescope's ``results.json``, atomically: one notebook (and none pending) gives
+    :func:`gradescope`'s object, several give :func:`gradescope_all`'s single object."""
+    if len(subs) == 1 and not pending:
         data = gradescope(subs[0])
     else:
-        data = {"submissions": [dict(gradescope(s), file=s.path) for s in subs]}
+        data = gradescope_all(subs, pending)
     _atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_csv(subs: list[Submission], path: str | Path) -> None:
+    """One row per submission (score, max, one column per question, error, review), atomically."""
     qids = _question_columns(subs)
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "chapter", "score", "max_score", *qids, "error", "review"])
-        for s in subs:
-            byq = {q.id: q for q in s.questions}
-            w.writerow([s.path, s.chapter or "", _fmt(s.score), _fmt(s.max_score),
-                        *[_fmt(byq[q].score) if q in byq else "" for q in qids],
-                        s.error or "", " | ".join(s.review)])
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["file", "chapter", "score", "max_score", *qids, "error", "review"])
+    for s in subs:
+        byq = {q.id: q for q in s.questions}
+        w.writerow([s.path, s.chapter or "", _fmt(s.score), _fmt(s.max_score),
+                    *[_fmt(byq[q].score) if q in byq else "" for q in qids],
+                    s.error or "", " | ".join(s.review)])
+    _atomic_write(path, buf.getvalue())
 
 
 def _atomic_write(path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a reader (or a grader killed midway) sees
+    the old file or the new one, never half of one. The temporary file is unique (several
+    threads or graders may write at once) and in the same folder (``os.replace`` cannot
+    cross file systems)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        mode = path.stat().st_mode & 0o777   # keep the mode of the file it replaces
+    except OSError:
+        mode = 0o644                         # mkstemp's 0600 would hide grades from the teacher's group
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 

@@ -19,7 +19,16 @@ MAX_MESSAGE = 600  # characters of one failure message: enough to act on, too fe
 
 class TestTimeout(BaseException):
     """Raised inside a test that ran past its time (BaseException: a bare ``except
-    Exception`` in learner code must not swallow it)."""
+    Exception`` in a test must not swallow it)."""
+
+
+class ProcessEnded(BaseException):
+    """Raised inside a test when the process running the learner's code is gone (it crashed,
+    called ``os._exit``, ran out of memory, or sent something that is not a message)."""
+
+    def __init__(self, message: str = "", status: str | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -68,6 +77,8 @@ def run_test(test: TestSpec, namespace: dict, test_file: str | None = None) -> t
         test.fn(*[namespace[p] for p in test.params])
     except TestTimeout:
         return False, "your code took too long (an endless loop, or far too much work?)"
+    except ProcessEnded as exc:
+        return False, _clip(ended_message(exc))
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure becomes feedback
@@ -75,9 +86,22 @@ def run_test(test: TestSpec, namespace: dict, test_file: str | None = None) -> t
     return True, ""
 
 
+def ended_message(exc: ProcessEnded) -> str:
+    detail = f" ({exc.status})" if exc.status else ""
+    return (f"the process running your code ended during this check{detail}; did the code call os._exit(), "
+            "crash Python, or run out of memory?")
+
+
 def describe_failure(exc: BaseException, test: TestSpec, test_file: str | None) -> str:
-    """One or two plain sentences: what was expected and where the learner's code failed."""
+    """One or two plain sentences: what was expected and where the learner's code failed.
+
+    An exception that came from the sandbox carries the learner's frames as data
+    (``__tlcourse_frames__``: filename, line number, function, line)."""
+    carried = getattr(exc, "__tlcourse_frames__", None)
     frames = traceback.extract_tb(exc.__traceback__)
+    if carried is not None:
+        frames = [traceback.FrameSummary(f, n, name, line=line or None, lookup_line=False)
+                  for f, n, name, line in carried] + [f for f in frames if f.filename == (test_file or "")]
     test_file = test_file or test.fn.__code__.co_filename
     learner = [f for f in frames if _is_learner_frame(f.filename, test_file)]
     kind = type(exc).__name__
