@@ -1,4 +1,4 @@
-"""The ``tlcourse grade`` and ``tlcourse exercises`` commands.
+"""The ``tlcourse grade``, ``tlcourse exercises`` and ``tlcourse autograder`` commands.
 
 ``tlcourse/cli.py`` calls :func:`add_commands`; ``python -m tlcourse.grading.commands``
 runs them on their own. Handlers return an exit code.
@@ -7,7 +7,10 @@ runs them on their own. Handlers return an exit code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 
@@ -15,7 +18,8 @@ GRADE_HELP = """\
 Grade submitted notebooks. Each question's answer cell runs in its own sandbox process
 with a timeout; tests come from the package's public checks, or from --tests DIR
 (hidden tests: modules ch00.py, ch01.py, ... in the same format). One bad submission
-(corrupt file, endless loop, crash) costs only its own questions.
+(corrupt file, endless loop, crash) costs only its own questions. --json and --csv
+are rewritten after each graded notebook, so an interrupted run keeps the grades so far.
 
 examples:
   tlcourse grade submissions/*.ipynb --csv grades.csv
@@ -45,8 +49,8 @@ def _positive(kind):
 
 
 def add_commands(subparsers) -> None:
-    """Add ``grade`` and ``exercises`` to an argparse subparsers object."""
-    from tlcourse.grading import grader
+    """Add ``grade``, ``exercises`` and ``autograder`` to an argparse subparsers object."""
+    from tlcourse.grading import autograder, grader
 
     g = subparsers.add_parser("grade", help="grade submitted notebooks (table, JSON, CSV)",
                               description=GRADE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,8 +58,8 @@ def add_commands(subparsers) -> None:
     g.add_argument("--tests", metavar="DIR", help="folder of checks modules (chNN.py); default: the public checks")
     g.add_argument("--chapter", metavar="NN", help="chapter whose checks apply (default: notebook metadata, "
                    "else the NN_ prefix of the file name)")
-    g.add_argument("--json", metavar="FILE", help="write results: Gradescope's results.json for one notebook, "
-                   '{"submissions": [...]} for several')
+    g.add_argument("--json", metavar="FILE", help="write Gradescope's results.json: one results object, also "
+                   "for several notebooks (scores summed, tests named by notebook and question)")
     g.add_argument("--csv", metavar="FILE", help="write one row per submission")
     g.add_argument("--timeout", type=_positive(float), default=grader.DEFAULT_TIMEOUT, metavar="S",
                    help=f"seconds per question (default {grader.DEFAULT_TIMEOUT:g})")
@@ -66,6 +70,7 @@ def add_commands(subparsers) -> None:
     g.add_argument("--details", action=argparse.BooleanOptionalAction, default=None,
                    help="print per-test feedback (default: on for up to 5 notebooks)")
     g.set_defaults(func=grade_command)
+    autograder.add_command(subparsers)
 
     e = subparsers.add_parser("exercises", help="generate exercises/ from solutions/",
                               description=EXERCISES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,12 +90,36 @@ def grade_command(args) -> int:
     if not paths:
         print("tlcourse grade: no notebooks to grade", file=sys.stderr)
         return 2
+    for option, out in (("--json", args.json), ("--csv", args.csv)):
+        problem = out and unwritable(Path(out))
+        if problem:  # say so now, not after grading a whole class
+            print(f"tlcourse grade: cannot write {option} {out}: {problem}. Pass a path in a folder "
+                  "you can write to.", file=sys.stderr)
+            return 2
+    graded: list = [None] * len(paths)  # in input order, filled as notebooks finish
+    lock = threading.Lock()
     done = [0]
+    last = {"end": 0.0, "cost": 0.0}
 
     def progress(sub):
-        done[0] += 1
-        if len(paths) > 5:
-            print(f"  graded {done[0]}/{len(paths)}: {sub.name}", file=sys.stderr, flush=True)
+        # Called from the grading threads after each notebook: record it and rewrite the
+        # output files, so a grader killed mid-class leaves the grades already known.
+        with lock:
+            done[0] += 1
+            slot = _slot(paths, graded, sub.path)
+            if slot is not None:
+                graded[slot] = sub
+            if len(paths) > 5:
+                print(f"  graded {done[0]}/{len(paths)}: {sub.name}", file=sys.stderr, flush=True)
+            # Each write holds every result so far; for a very large class, skip a write when
+            # writing would take over a fifth of the time (the next notebook writes it anyway).
+            if time.monotonic() - last["end"] < 4 * last["cost"]:
+                return
+            started = time.monotonic()
+            _write_results(grader, args, [s for s in graded if s is not None],
+                           [str(p) for p, s in zip(paths, graded) if s is None], final=False)
+            last["end"] = time.monotonic()
+            last["cost"] = last["end"] - started
 
     try:
         subs = grader.grade(paths, tests_dir=args.tests, chapter=args.chapter, timeout=args.timeout,
@@ -104,13 +133,53 @@ def grade_command(args) -> int:
             print(grader.details(sub))
             print()
     print(grader.table(subs))
-    if args.json:
-        grader.write_json(subs, args.json)
-        print(f"wrote {args.json}")
-    if args.csv:
-        grader.write_csv(subs, args.csv)
-        print(f"wrote {args.csv}")
-    return 0
+    with lock:  # a late progress call must not overwrite the final files
+        return 0 if _write_results(grader, args, subs, [], final=True) else 1
+
+
+def _slot(paths, graded, path: str) -> int | None:
+    """Index of the first ungraded input that ``path`` names (the same string, else the same file)."""
+    free = [i for i, s in enumerate(graded) if s is None]
+    same = next((i for i in free if str(paths[i]) == path), None)
+    if same is None:
+        same = next((i for i in free if Path(paths[i]).resolve() == Path(path).resolve()), None)
+    return same
+
+
+def unwritable(path: Path) -> str | None:
+    """Why an output file cannot be written at ``path`` (None when it can): checked before
+    the work starts, not after it. A missing folder is fine when it can be created."""
+    if path.is_dir():
+        return "it is a folder"
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the nearest existing folder will hold the ones to create
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable"
+    return None
+
+
+def _write_results(grader, args, subs, pending, final: bool) -> bool:
+    """Write --json and --csv (atomically) with ``subs``; ``pending``: paths not graded yet.
+    A failed write while grading is only a warning (the final write tries again); a failed
+    final write is an error. True when every final write worked."""
+    ok = True
+    for option, path, write in (("--json", args.json, lambda: grader.write_json(subs, args.json, pending=pending)),
+                                ("--csv", args.csv, lambda: grader.write_csv(subs, args.csv))):
+        if not path:
+            continue
+        try:
+            write()
+        except (OSError if final else Exception) as exc:  # a partial write must never stop grading
+            ok = False
+            what = "error" if final else "warning"
+            print(f"tlcourse grade: {what}: could not write {option} {path}: {exc}", file=sys.stderr)
+            continue
+        if final:
+            print(f"wrote {path}")
+    return ok
 
 
 def exercises_command(args) -> int:
