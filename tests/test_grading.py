@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -230,6 +231,15 @@ def test_audit_is_a_note_not_a_verdict(graded):
         assert sub.error or sub.isolation, sub.path
 
 
+def test_ci_grades_in_the_bubblewrap_sandbox():
+    """CI installs bubblewrap (.ci/run), so the strong isolation level is the one tested there."""
+    from tlcourse.grading import isolation
+
+    if os.environ.get("CI") != "true":
+        pytest.skip("outside CI the isolation level is whatever this machine offers")
+    assert isolation.available_level() == isolation.BUBBLEWRAP
+
+
 def test_answer_below_the_stub_is_graded_with_a_note(graded):
     assert any("defined again in cell" in n for n in graded["answer_in_new_cell"].notes)
 
@@ -311,6 +321,8 @@ def test_results_json_follows_gradescope_schema(graded, tmp_path):
         visible = [t for t in data["tests"] if t["visibility"] == "visible"]
         assert data["score"] == pytest.approx(sum(t["score"] for t in visible)), name
         assert all(t["score"] <= t["max_score"] for t in data["tests"])
+        if not graded[name].error:  # the JSON says which isolation level graded it
+            assert data["extra_data"]["isolation"] in ("bubblewrap", "process"), name
     many = tmp_path / "class.json"
     grader.write_json(list(graded.values()), many)
     data = json.loads(many.read_text())  # several notebooks: still one Gradescope object

@@ -133,6 +133,10 @@ def grade_command(args) -> int:
             print(grader.details(sub))
             print()
     print(grader.table(subs))
+    from tlcourse.grading import isolation
+
+    for level in sorted({s.isolation for s in subs if s.isolation}):
+        print(f"isolation: {level}: {isolation.describe(level)}")
     with lock:  # a late progress call must not overwrite the final files
         return 0 if _write_results(grader, args, subs, [], final=True) else 1
 

@@ -512,7 +512,8 @@ def gradescope(sub: Submission) -> dict:
                       "visibility": "hidden", "output": "\n".join(sub.review)})
     summary = sub.error or f"{_fmt(sub.score)} of {_fmt(sub.max_score)} points."
     return {"score": sub.score, "execution_time": round(sub.seconds, 3), "output": summary,
-            "visibility": "visible", "stdout_visibility": "hidden", "tests": tests}
+            "visibility": "visible", "stdout_visibility": "hidden", "tests": tests,
+            "extra_data": {"isolation": sub.isolation}}
 
 
 def _labels(paths: list[str]) -> list[str]:
@@ -545,7 +546,7 @@ def gradescope_all(subs: list[Submission], pending=()) -> dict:
         tests.extend(dict(t, name=f"{label} · {t['name']}") for t in one["tests"])
         lines.append(f"{label}: {one['output']}")
         records.append({"file": sub.path, "chapter": sub.chapter, "score": sub.score,
-                        "max_score": sub.max_score, "error": sub.error})
+                        "max_score": sub.max_score, "error": sub.error, "isolation": sub.isolation})
     for label in labels[len(subs):]:
         lines.append(f"{label}: not graded yet (grading was still running when this was written)")
     score = sum(s.score for s in subs)
@@ -555,7 +556,8 @@ def gradescope_all(subs: list[Submission], pending=()) -> dict:
                 f" so far ({len(pending)} not graded yet)." if pending else "."))
     return {"score": score, "execution_time": round(sum(s.seconds for s in subs), 3),
             "output": "\n".join([head, *lines]), "visibility": "visible", "stdout_visibility": "hidden",
-            "tests": tests, "extra_data": {"notebooks": records}}
+            "tests": tests, "extra_data": {"notebooks": records,
+                                           "isolation": sorted({s.isolation for s in subs if s.isolation})}}
 
 
 def write_json(subs: list[Submission], path: str | Path, pending=()) -> None:
@@ -573,12 +575,12 @@ def write_csv(subs: list[Submission], path: str | Path) -> None:
     qids = _question_columns(subs)
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
-    w.writerow(["file", "chapter", "score", "max_score", *qids, "error", "review"])
+    w.writerow(["file", "chapter", "score", "max_score", *qids, "error", "review", "isolation"])
     for s in subs:
         byq = {q.id: q for q in s.questions}
         w.writerow([s.path, s.chapter or "", _fmt(s.score), _fmt(s.max_score),
                     *[_fmt(byq[q].score) if q in byq else "" for q in qids],
-                    s.error or "", " | ".join(s.review)])
+                    s.error or "", " | ".join(s.review), s.isolation])
     _atomic_write(path, buf.getvalue())
 
 

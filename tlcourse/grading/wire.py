@@ -723,8 +723,10 @@ def rebuild_exception(node) -> BaseException:
     else:
         parent = getattr(builtins, base) if base in EXCEPTIONS else Exception
         cls = _named(name if name.isidentifier() else "Exception", parent)
+    if issubclass(cls, KeyError):  # str(KeyError('x')) is "'x'" already: do not quote it twice
+        cls = _named(cls.__name__, cls, {"__str__": lambda self: str(self.args[0]) if self.args else ""})
     try:
-        exc = cls(msg) if cls is not KeyError else KeyError(msg)
+        exc = cls(msg)
     except Exception:  # noqa: BLE001
         exc = RuntimeError(msg)
     frames = []
@@ -739,10 +741,10 @@ def rebuild_exception(node) -> BaseException:
 _NAMED: dict = {}
 
 
-def _named(name: str, parent):
-    key = (name, parent)
+def _named(name: str, parent, body=None):
+    key = (name, parent, bool(body))
     if key not in _NAMED:
-        _NAMED[key] = type(name, (parent,), {"__module__": "learner"})
+        _NAMED[key] = type(name, (parent,), {"__module__": "learner", **(body or {})})
     return _NAMED[key]
 
 
