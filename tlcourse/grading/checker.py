@@ -211,12 +211,12 @@ def run_job(job: dict, worker: Worker) -> dict:
 
     names = sorted({p for t in mine for p in t.params})
     results, errors, status = {}, [], "ok"
-    sock = worker.begin({"snippets": job["snippets"], "names": names, "memory_mb": job.get("memory_mb"),
-                         "cpu_seconds": timeout + 2})
+    sock = worker.begin({"memory_mb": job.get("memory_mb"), "cpu_seconds": timeout + 2})
     session = wire.Session(sock, "c", HANDLERS, deadline=lambda: deadline)
     stop = None  # why the remaining tests cannot run
     try:
         try:
+            wire.send_frame(sock, {"kind": "program", "snippets": job["snippets"], "names": names}, [])
             ready, _ = wire.recv_frame(sock, deadline)
             keep("visible", [str(ready.get("out", ""))])
             errors = [str(e)[: runtime.MAX_MESSAGE] for e in ready.get("errors", [])][:5]

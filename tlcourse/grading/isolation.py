@@ -109,7 +109,11 @@ def _bwrap_argv(bwrap: str, extra_env: list[str]) -> list[str]:
         argv += ["--ro-bind-try", path, path]
     for path in readable_paths():
         argv += ["--ro-bind", path, path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp", "--chdir", "/tmp"]
+    # Writable: /tmp, /var/tmp and /dev/shm only (emptied after every question). The root and
+    # /dev are tmpfs that bwrap builds the mount points in: read-only once built, or a job could
+    # leave a file (in /etc, /root, ...) for the next submission to find.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp",
+             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
     return argv
 
 

@@ -3,7 +3,8 @@
 It holds no test, no answer key and no channel to the grader. A *zygote* starts once per
 sandbox (imports torch, ~2 s) and forks one child per (notebook, question):
 
-- the child runs the question's program (:mod:`tlcourse.grading.extract`), then serves the
+- the child receives the question's program (:mod:`tlcourse.grading.extract`) on its own
+  socket (never through the zygote, whose memory every later child inherits), runs it, then serves the
   checker's requests on its own socket: call a learner function with these arguments
   (:mod:`tlcourse.grading.wire` decodes them), the vector-Jacobian product of an earlier
   call, close. Everything it prints goes to a file in its private temporary directory and
@@ -188,13 +189,16 @@ def _child(job: dict, data_fd: int, workdir: str) -> None:
                 pass
         return reader.read(OUTPUT_CHUNK).decode("utf-8", "replace")
 
+    # The program comes on the child's own socket, never through the zygote: whatever the
+    # zygote held would be in the memory of every child forked after it (another submission's).
+    program, _ = wire.recv_frame(sock, None)
     ns = {"__name__": "__main__", "check": _noop, "checker": lambda *a, **k: _noop}
     session = wire.Session(sock, "w", HANDLERS)
     session.namespace = ns
     session.calls = {}
     session.new_output = new_output
     errors = []
-    for snip in job.get("snippets", []):
+    for snip in program.get("snippets", []):
         filename, source = str(snip.get("filename")), str(snip.get("source"))
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         try:
@@ -207,7 +211,7 @@ def _child(job: dict, data_fd: int, workdir: str) -> None:
             if snip.get("essential"):
                 errors.append(f"running {filename} raised {type(exc).__name__}: {str(exc)[:300]}")
     names = {}
-    for name in job.get("names", []):
+    for name in program.get("names", []):
         if name in ns:
             names[name] = "callable" if callable(ns[name]) else "value"
     wire.send_frame(sock, {"kind": "ready", "names": names, "errors": errors, "out": new_output()}, [])
