@@ -273,6 +273,7 @@ def main() -> None:
     # nothing printed by an import can corrupt it.
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
+    isolation.protect_from_same_user()
     level = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else isolation.available_level()
     try:
         worker = Worker(level, wait=False)  # it imports torch while we do

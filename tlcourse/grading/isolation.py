@@ -34,6 +34,7 @@ from pathlib import Path
 BUBBLEWRAP = "bubblewrap"
 PROCESS = "process"
 SANDBOX_UID = 65534  # "nobody" on Debian, Ubuntu and macOS
+TMP_BYTES = 512 << 20  # the sandbox's /tmp (a tmpfs, i.e. memory)
 BOOT = ("import sys; sys.path.insert(0, sys.argv[2]) if sys.argv[2] else None; "
         "from tlcourse.grading.worker import main; main()")
 SYSTEM_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache", "/etc/ld.so.conf",
@@ -112,7 +113,9 @@ def _bwrap_argv(bwrap: str, extra_env: list[str]) -> list[str]:
     # Writable: /tmp, /var/tmp and /dev/shm only (emptied after every question). The root and
     # /dev are tmpfs that bwrap builds the mount points in: read-only once built, or a job could
     # leave a file (in /etc, /root, ...) for the next submission to find.
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp", "--tmpfs", "/var/tmp",
+    # Each is a size-limited tmpfs: files fill memory, and a question's files must not fill the host's.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(64 << 20), "--tmpfs", "/dev/shm",
+             "--size", str(TMP_BYTES), "--tmpfs", "/tmp", "--size", str(64 << 20), "--tmpfs", "/var/tmp",
              "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
     return argv
 
@@ -179,3 +182,17 @@ def start_worker(level: str, control_fd: int) -> tuple[subprocess.Popen, object]
     proc = subprocess.Popen([sys.executable, "-I", "-c", BOOT, str(control_fd), root], stdin=subprocess.DEVNULL,
                             stdout=log, stderr=log, pass_fds=(control_fd,), preexec_fn=prepare, cwd=home, env=env)
     return proc, log
+
+
+def protect_from_same_user() -> None:
+    """Linux: make this process non-dumpable, so another process of the same uid (the worker at
+    the ``process`` level, when the grader is not root) can neither ptrace it nor read or write
+    its memory through /proc. Elsewhere nothing to do here (macOS: a separate uid is the wall)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except (OSError, AttributeError):
+        pass

@@ -44,7 +44,9 @@ def main() -> None:
     torch.set_num_threads(1)  # several workers share the cores
     from tlcourse.grading import wire  # noqa: F401
 
-    _non_dumpable()
+    from tlcourse.grading.isolation import protect_from_same_user
+
+    protect_from_same_user()  # a child (same uid) may not ptrace the zygote or write its memory
     _send_json(control, {"kind": "ready", "pid": os.getpid()})
     while True:
         msg, fds = _recv_json(control)
@@ -127,16 +129,6 @@ def _describe(code: int) -> str:
     if os.WIFSIGNALED(code):
         return f"killed by signal {os.WTERMSIG(code)}"
     return f"exit code {os.WEXITSTATUS(code)}"
-
-
-def _non_dumpable() -> None:
-    """PR_SET_DUMPABLE 0: a process of the same uid may not ptrace us or open /proc/<pid>/mem."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _send_json(sock: socket.socket, msg: dict) -> None:
