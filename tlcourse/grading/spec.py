@@ -28,12 +28,17 @@ Rules, kept few on purpose:
 - Use the ``expect_*`` helpers on the learner's return values: they check *exact* types,
   so an object with a rigged ``__eq__`` or ``__torch_function__`` cannot pass as a tensor.
   For losses: ``expect_loss`` (a 0-d tensor still in the autograd graph), ``close`` (two
-  numbers within tolerance) and ``seeded_randn`` (reproducible inputs).
+  numbers within tolerance) and ``seeded_randn`` (reproducible inputs). For numbers,
+  ``expect_int`` and ``expect_float`` take a number of the right kind whatever made it (a
+  Python or NumPy scalar, a 0-d tensor; a whole float such as ``67.0`` as a count), never a
+  bool, so ``check()`` and ``tlcourse grade`` accept the same answers.
 
-This module must not import torch at import time (``import tlcourse.grading`` stays cheap).
+This module must not import torch or numpy at import time (``import tlcourse.grading`` stays cheap).
 """
 
 from __future__ import annotations
+
+import sys
 
 VISIBILITIES = ("visible", "hidden", "after_due_date", "after_published")
 
@@ -70,25 +75,95 @@ def expect_tensor(value, what: str = "the result"):
 
 
 def expect_int(value, what: str = "the result") -> int:
-    """``value`` as a Python int (a 0-d integer tensor is accepted and converted)."""
-    import torch
+    """``value`` as a Python int: a count is a count whatever computed it.
 
-    if type(value) is torch.Tensor and value.ndim == 0 and not value.is_floating_point():
-        return int(value.item())
-    assert type(value) is int, f"{what} should be a Python int, but it is a {_type_name(value)}"
-    return value
+    Accepted: a Python ``int``; a NumPy integer (``numpy.int64``, ...); a 0-d integer tensor
+    or NumPy array; and a float that is a whole number (``67.0``: a Python or NumPy float, or
+    a 0-d floating tensor or array). Refused: ``True``/``False`` (of any kind), a float that
+    is not whole (``66.5``, ``nan``), a tensor with more than one value, anything else.
+    Types are checked exactly (a subclass is refused), by name: neither numpy nor torch is
+    imported here.
+    """
+    kind, number = _number(value)
+    if kind == "int":
+        return number
+    if kind == "float" and number.is_integer():  # False for nan and inf too
+        return int(number)
+    if kind == "float":
+        raise AssertionError(f"{what} should be a whole number (a count), but it is {number!r}")
+    raise AssertionError(f"{what} should be a Python int, but it is {_number_kind(value, kind)}")
 
 
 def expect_float(value, what: str = "the result") -> float:
-    """``value`` as a Python float (an int, a 0-d floating tensor or a numpy scalar is accepted)."""
-    import torch
+    """``value`` as a Python float.
 
-    if type(value) is torch.Tensor and value.ndim == 0 and value.is_floating_point():
-        return float(value.item())
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()
-    assert type(value) in (float, int), f"{what} should be a Python float, but it is a {_type_name(value)}"
-    return float(value)
+    Accepted: a Python ``float`` or ``int``; a NumPy floating or integer scalar
+    (``numpy.float32``, ``numpy.int64``, ...); a 0-d tensor or NumPy array of a floating or
+    integer dtype. Refused: ``True``/``False`` (of any kind), complex numbers, a tensor with
+    more than one value, anything else. Types are checked exactly (a subclass is refused),
+    by name: neither numpy nor torch is imported here.
+    """
+    kind, number = _number(value)
+    if kind in ("int", "float"):
+        return float(number)
+    raise AssertionError(f"{what} should be a Python float, but it is {_number_kind(value, kind)}")
+
+
+def _number(value) -> tuple[str | None, int | float | None]:
+    """``("int", n)`` or ``("float", x)`` for a real number of a kind the checks accept (see
+    :func:`expect_int`), as a plain Python number; ``("bool", None)`` for a boolean of any
+    kind, ``("shape", None)`` for a tensor or array with more than one value, ``("complex",
+    None)``, or ``(None, None)``."""
+    t = type(value)
+    if t is int:
+        return "int", value
+    if t is float:
+        return "float", value
+    if t is bool:
+        return "bool", None
+    if t is complex:
+        return "complex", None
+    module, name = getattr(t, "__module__", ""), getattr(t, "__name__", "")
+    if module == "torch" and name == "Tensor":
+        torch = sys.modules.get("torch")
+        if torch is None or t is not torch.Tensor:
+            return None, None
+        if value.ndim != 0:
+            return "shape", None
+        if value.dtype == torch.bool:
+            return "bool", None
+        if value.is_complex():
+            return "complex", None
+        return ("float", float(value.item())) if value.is_floating_point() else ("int", int(value.item()))
+    if module == "numpy":
+        np = sys.modules.get("numpy")
+        if np is None or getattr(np, name, None) is not t:  # numpy's own type, not a look-alike
+            return None, None
+        if t is np.ndarray:
+            if value.ndim != 0:
+                return "shape", None
+            code = value.dtype.kind
+        else:
+            code = getattr(np.dtype(t), "kind", "") if issubclass(t, np.generic) else ""
+        if code == "b":
+            return "bool", None
+        if code and code in "iu":
+            return "int", int(value)
+        if code == "f":
+            return "float", float(value)
+        if code == "c":
+            return "complex", None
+    return None, None
+
+
+def _number_kind(value, kind: str | None) -> str:
+    if kind == "bool":
+        return f"True/False (a {_type_name(value)}), not a number"
+    if kind == "shape":
+        return f"a {_type_name(value)} of shape {list(value.shape)}: return a single number"
+    if kind == "complex":
+        return "a complex number"
+    return f"a {_type_name(value)}"
 
 
 def expect_tuple(value, length: int, what: str = "the result") -> tuple:
@@ -162,4 +237,6 @@ def seeded_randn(*shape: int, seed: int = 0, scale: float = 1.0, shift: float = 
 
 def _type_name(value) -> str:
     t = type(value)
+    if t.__module__ == "tlcourse.grading.wire" and t.__name__ in ("RemoteObject", "RemoteCallable"):
+        return str(value.__dict__.get("_tl_type", t.__name__))  # the learner's type, as named in the sandbox
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"

@@ -890,6 +890,11 @@ def remote_call(session, target: dict, args, kwargs):
     header["args"] = enc(list(args))
     header["kwargs"] = enc(dict(kwargs))
     header["rng"] = enc(rng_states())
+    # Every module this side sent before, whether or not it is an argument now: the learner's
+    # code may keep one where the wire cannot see it (a plain list), and one process would
+    # share its state and gradients all the same.
+    header["sync"] = [enc(m) for key, m in list(session.objects.items())
+                      if key.startswith(session.side) and isinstance(m, torch.nn.Module)]
     header["grad"] = torch.is_grad_enabled()
     grad_inputs = list({id(t): t for t in enc.grad_inputs}.values())
     header["gin"] = [session.ids[id(t)] for t in grad_inputs]

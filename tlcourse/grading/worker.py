@@ -251,6 +251,8 @@ def _call(session, msg, blobs):
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise wire.WireError("malformed keyword arguments")
     wire.set_rng_states(dec(msg.get("rng")))
+    for node in msg.get("sync", []):
+        dec(node)
     inputs = [session.objects[str(k)] for k in msg.get("gin", [])]
     touched = [o for o in dec._memo.values() if isinstance(o, (torch.Tensor, torch.nn.Module))]
     error = result = None
