@@ -75,11 +75,12 @@ with a syntax error: nothing is taken from it, and the program's notes say why.
 Two static checks:
 
 - :func:`escape_hatches`: the code a question runs (its answer cell and the definitions
-  it runs with) uses a tool that could forge or hide a result from inside the process
-  (frames, ``gc``, ``ctypes``, ``inspect``, ``os._exit``, ``sys.modules``, ``builtins``,
-  ``exec`` ...); what the grader does with such a question is said in
-  :mod:`tlcourse.grading.grader`. Plain ``import sys`` / ``os`` for harmless attributes
-  (``sys.float_info``, ``os.path``) is not reported.
+  it runs with) uses a tool that reaches into the interpreter (frames, ``gc``, ``ctypes``,
+  ``inspect``, ``os._exit``, ``sys.modules``, ``builtins``, ``exec`` ...). The grader makes
+  it a REVIEW note for a teacher and grades the question as usual: the tests run in another
+  process (:mod:`tlcourse.grading.checker`), so such code cannot change a verdict. Plain
+  ``import sys`` / ``os`` for harmless attributes (``sys.float_info``, ``os.path``) is not
+  reported.
 - :func:`audit`: wider and advisory (``open``, ``setattr``, unusual imports anywhere in the
   notebook): a note for a human to look at.
 
@@ -157,7 +158,7 @@ HATCH_MODULES = {"gc", "ctypes", "_ctypes", "inspect", "builtins", "importlib", 
                  "threading", "_thread", "signal", "multiprocessing", "subprocess", "pty",
                  "faulthandler", "code", "codeop", "pdb", "bdb", "types", "marshal", "pickle",
                  "dill", "cffi", "mmap", "posix", "_posixsubprocess", "socket", "sysconfig",
-                 "runpy", "atexit", "resource", "tracemalloc", "weakref", "tlcourse.grading.sandbox",
+                 "runpy", "atexit", "resource", "tracemalloc", "weakref", "tlcourse.grading.worker",
                  "tlcourse.grading.runtime", "tlcourse.grading.grader"}
 SYS_OK = {"float_info", "int_info", "hash_info", "maxsize", "float_repr_style", "version",
           "version_info", "platform", "byteorder", "implementation", "getsizeof",

@@ -190,9 +190,16 @@ def _child(job: dict, data_fd: int, workdir: str) -> None:
     session.calls = {}
     session.new_output = new_output
     errors = []
+    cells: dict[str, list[str]] = {}  # several snippets of one cell: their lines together
     for snip in program.get("snippets", []):
         filename, source = str(snip.get("filename")), str(snip.get("source"))
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        lines = cells.setdefault(filename, [])
+        for i, line in enumerate(source.splitlines(True)):
+            if i >= len(lines):
+                lines.append("\n")
+            if line.strip():
+                lines[i] = line
+        linecache.cache[filename] = (len(source), None, lines, filename)
         try:
             exec(compile(source, filename, "exec", dont_inherit=True), ns)  # noqa: S102 - learner code, sandboxed
         except SyntaxError as exc:
