@@ -417,6 +417,31 @@ def test_tests_folder_for_hidden_tests(tmp_path):
         grader.grade([SOLUTION], tests_dir=tmp_path / "nowhere")
 
 
+def test_hidden_inputs_never_reach_visible_feedback(tmp_path):
+    """A hidden test written *before* the public ones still runs after them, so an answer that
+    remembers what it was called with cannot put a hidden input into a visible message."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "ch00.py").write_text(
+        "import torch\nfrom tlcourse.grading.spec import points\n"
+        "@points(1, visibility='after_due_date')\n"
+        "def test_q2_secret_sizes(count_parameters):\n"
+        "    \"\"\"a model of the hidden sizes\"\"\"\n"
+        "    count_parameters(torch.nn.Linear(1234, 567))\n"
+        "from tlcourse.grading.checks.ch00 import *\n", encoding="utf-8")
+    spy = _with_answer("q2", "SEEN = []\ndef count_parameters(model, trainable_only=False):\n"
+                              "    SEEN.append([tuple(p.shape) for p in model.parameters()])\n"
+                              "    print('seen so far:', SEEN)\n"
+                              "    raise ValueError(f'seen so far: {SEEN}')\n")
+    path = tmp_path / "00_spy.ipynb"
+    path.write_text(json.dumps(spy), encoding="utf-8")
+    [sub] = grader.grade([path], tests_dir=hidden, timeout=TIMEOUT)
+    q2 = next(q for q in sub.questions if q.id == "q2")
+    visible = [t.message for t in q2.tests if t.visibility == "visible"] + [q2.output]
+    assert visible and not any("1234" in text for text in visible), visible
+    assert "1234" in q2.hidden_output  # the instructor sees it
+
+
 def test_total_timeout_caps_a_notebook(tmp_path):
     """Every answer hangs: after --total-timeout seconds the rest is not run, and says why."""
     nb = _solution()

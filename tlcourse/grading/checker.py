@@ -195,7 +195,9 @@ def run_job(job: dict, worker: Worker) -> dict:
 
     started = time.monotonic()
     _, tests = load_tests(job["tests_source"], job["tests_file"])
-    mine = [t for t in tests if t.question == job["question"]]
+    # Visible tests first: what the learner's code sees of a hidden test's inputs can then
+    # reach only hidden feedback (as in check(), which runs the visible ones alone).
+    mine = sorted((t for t in tests if t.question == job["question"]), key=lambda t: t.visibility != "visible")
     timeout = float(job["timeout"])
     deadline = started + timeout
     max_out = int(job.get("max_output", 4000))
