@@ -52,3 +52,10 @@ def test_plot_heatmap_prints_every_cell_and_checks_the_shape():
     with pytest.raises(ValueError, match="rows"):
         viz.plot_heatmap(values.T, [1, 2, 4], [0.5, 0.9], "T", "alpha")
     plt.close("all")
+
+
+def test_plot_softened_says_all_classes_when_k_covers_them():
+    logits = torch.tensor([3.0, 1.0, -2.0])
+    title = viz.plot_softened(logits, ["a", "b", "c"], 2.0, k=3).get_title()
+    assert title == "T = 2: all 3 classes shown", title
+    assert "-0.00" not in viz.plot_softened(logits, ["a", "b", "c"], 2.0, k=5).get_title()

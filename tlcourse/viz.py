@@ -161,8 +161,9 @@ def plot_softened(logits: torch.Tensor, classes: Sequence[str], temperature: flo
     ax.barh([classes[i].split(",")[0] for i in top][::-1], values[::-1], color="tab:purple")
     ax.set_xlim(0, 1.15 * max(values))
     ax.set_xlabel("probability")
-    ax.set_title(f"T = {temperature:g}: {1 - sum(values):.2f} left for the other {len(logits) - len(top)}",
-                 fontsize=10)
+    rest = len(logits) - len(top)
+    tail = f"{max(0.0, 1 - sum(values)):.2f} left for the other {rest}" if rest else f"all {len(top)} classes shown"
+    ax.set_title(f"T = {temperature:g}: {tail}", fontsize=10)
     ax.tick_params(labelsize=8)
     return ax
 
@@ -182,7 +183,8 @@ def temperature_slider(logits: torch.Tensor, classes: Sequence[str], k: int = 8,
     if widgets is None or os.environ.get("TLCOURSE_HEADLESS"):
         return plot_softened(logits, classes, temperature, k)
     slider = widgets.FloatLogSlider(value=temperature, base=2, min=-1, max=4, step=0.25,
-                                    description="temperature", continuous_update=False)
+                                    description="temperature T", continuous_update=False,
+                                    style={"description_width": "initial"})  # the default width cuts the label
 
     def draw(temperature):
         plot_softened(logits, classes, temperature, k)
