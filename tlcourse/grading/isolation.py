@@ -106,6 +106,11 @@ def _bwrap_argv(bwrap: str, extra_env: list[str]) -> list[str]:
             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
             "--setenv", "LANG", "C.UTF-8", "--setenv", "MPLCONFIGDIR", "/tmp", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
             "--setenv", "OMP_NUM_THREADS", "1", "--setenv", "TLCOURSE_SANDBOX_PIDNS", "1", *extra_env]
+    # The writable places first, each a size-limited tmpfs (files fill memory, and a question's
+    # files must not fill the host's); then the read-only binds, so that a Python installation
+    # or a clone that lies under /tmp is mounted on top of the tmpfs, not hidden by it.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(64 << 20), "--tmpfs", "/dev/shm",
+             "--size", str(TMP_BYTES), "--tmpfs", "/tmp", "--size", str(64 << 20), "--tmpfs", "/var/tmp"]
     for path in SYSTEM_PATHS:
         argv += ["--ro-bind-try", path, path]
     for path in readable_paths():
@@ -113,10 +118,7 @@ def _bwrap_argv(bwrap: str, extra_env: list[str]) -> list[str]:
     # Writable: /tmp, /var/tmp and /dev/shm only (emptied after every question). The root and
     # /dev are tmpfs that bwrap builds the mount points in: read-only once built, or a job could
     # leave a file (in /etc, /root, ...) for the next submission to find.
-    # Each is a size-limited tmpfs: files fill memory, and a question's files must not fill the host's.
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(64 << 20), "--tmpfs", "/dev/shm",
-             "--size", str(TMP_BYTES), "--tmpfs", "/tmp", "--size", str(64 << 20), "--tmpfs", "/var/tmp",
-             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp"]
     return argv
 
 

@@ -110,15 +110,21 @@ def _finish(pid: int, pid_namespace: bool, workdir: str) -> str:
 
 
 def _empty(folder: str) -> None:
+    """Delete what a job left in ``folder``, but never a mount point: the read-only binds of
+    the Python installation may lie under /tmp (a clone there), and walking into them would
+    be slow and pointless. A folder that holds a mount point stays; it is empty otherwise."""
     try:
-        names = os.listdir(folder)
+        entries = list(os.scandir(folder))
     except OSError:
         return
-    for name in names:
-        path = os.path.join(folder, name)
+    for entry in entries:
+        path = entry.path
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
+            if os.path.ismount(path):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                _empty(path)
+                os.rmdir(path)
             else:
                 os.unlink(path)
         except OSError:
