@@ -95,11 +95,12 @@ def _notebook(path, source):
 
 def test_run_executes_into_build(tmp_path):
     good = tmp_path / "good.ipynb"
-    _notebook(good, ["import os\nprint('profile', os.environ['TLCOURSE_PROFILE'])"])
-    out = run("run", str(good), "--profile", "full", "--out", str(tmp_path / "build"))
+    _notebook(good, ["from tlcourse import env\nprint('profile', env.profile(), 'seed', env.setup(verbose=False).seed)"])
+    out = run("run", str(good), "--profile", "full", "--seed", "5", "--out", str(tmp_path / "build"))
     assert out.returncode == 0, out.stderr
+    assert "seed 5" in out.stdout
     executed = (tmp_path / "build" / "good.ipynb").read_text()
-    assert "profile full" in executed
+    assert "profile full seed 5" in executed
     assert (tmp_path / "build" / "good.html").exists()
 
 
@@ -115,6 +116,11 @@ def test_run_notebook_sets_headless_for_the_kernel_only(tmp_path, monkeypatch):
     assert "headless 1 full" in result.executed.read_text()
     # A live session that called it keeps interactive widgets and its own profile.
     assert "TLCOURSE_HEADLESS" not in os.environ and os.environ["TLCOURSE_PROFILE"] == "quick"
+
+
+def test_run_rejects_a_negative_seed(tmp_path):
+    out = run("run", "--seed", "-1", str(tmp_path / "any.ipynb"))
+    assert out.returncode == 2 and "must be 0 or more" in out.stderr
 
 
 def test_run_fails_loudly_and_shows_the_cell(tmp_path):

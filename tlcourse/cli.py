@@ -25,6 +25,7 @@ def _cmd_env(args) -> int:
         print(f"  {key:<13} {info[key]}")
     print(f"  {'device':<13} {info['device']}")
     print(f"  {'profile':<13} {info['profile']}  [{info['profile_source']}]")
+    print(f"  {'seed':<13} {info['seed']}  [TLCOURSE_SEED; every notebook's claims hold for any seed]")
     if info["profile"] == "quick" and not info["cuda_available"]:
         print("                no CUDA GPU here, so notebooks run small 'quick' experiments (minutes on a CPU);")
         print("                set TLCOURSE_PROFILE=full to force the complete datasets and schedules.")
@@ -139,6 +140,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
 
 
@@ -279,8 +287,10 @@ def _cmd_run(args) -> int:
     paths = [Path(p) for p in args.notebooks] or sorted((notebooks.ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     code = 0
     for path in paths:
-        print(f"running {path} (profile {args.profile or 'default'}) ...", flush=True)
-        res = notebooks.run_notebook(path, out_dir=args.out, profile=args.profile, timeout=args.timeout, inplace=args.inplace)
+        seed = "" if args.seed is None else f", seed {args.seed}"
+        print(f"running {path} (profile {args.profile or 'default'}{seed}) ...", flush=True)
+        res = notebooks.run_notebook(path, out_dir=args.out, profile=args.profile, timeout=args.timeout,
+                                     inplace=args.inplace, seed=args.seed)
         if res.ok:
             print(f"  ok in {res.seconds:.0f} s -> {res.executed}, {res.html}")
         else:
@@ -396,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Exits non-zero and shows the failing cell when a notebook fails.")
     p.add_argument("notebooks", nargs="*", metavar="NOTEBOOK", help="default: every chapter notebook")
     p.add_argument("--profile", choices=["quick", "full"], help="TLCOURSE_PROFILE for the run")
+    p.add_argument("--seed", type=_non_negative_int, help="TLCOURSE_SEED for the run (default: as set, else 0)")
     p.add_argument("--out", default="build", help="output folder (default build/)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell (default 1800)")
     p.add_argument("--inplace", action="store_true", help="also save outputs into the notebook (for committing)")

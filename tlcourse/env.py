@@ -8,6 +8,12 @@ Every notebook starts with::
 ``TLCOURSE_PROFILE`` chooses ``quick`` (small subsets, minutes on a 2-core CPU; what CI
 runs) or ``full`` (complete datasets and schedules, meant for a GPU). When it is unset the
 profile is ``full`` if a CUDA GPU is present, else ``quick``.
+
+``TLCOURSE_SEED`` (an integer, default 0) is the one seed every random choice of a notebook
+derives from: data splits and subsets, augmented views, few-shot samples, initial weights,
+batch order. A chapter that repeats an experiment over several seeds takes them from
+:meth:`RunConfig.seeds`, so another ``TLCOURSE_SEED`` gives a fresh set. The chapters' claims
+must hold for any value (``tlcourse run --seed N`` reruns a notebook with another one).
 """
 
 from __future__ import annotations
@@ -36,6 +42,21 @@ def profile() -> str:
             "(or leave it unset: full on a CUDA GPU, quick otherwise)."
         )
     return value
+
+
+def course_seed() -> int:
+    """The course seed: ``TLCOURSE_SEED`` as an integer, 0 when unset (see module docstring)."""
+    value = os.environ.get("TLCOURSE_SEED", "").strip()
+    if not value:
+        return 0
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"TLCOURSE_SEED={value!r} is not an integer; use e.g. TLCOURSE_SEED=1 "
+                         "(or leave it unset for seed 0).") from None
+    if number < 0:
+        raise ValueError(f"TLCOURSE_SEED={number} is negative; use a seed of 0 or more.")
+    return number
 
 
 def is_quick() -> bool:
@@ -82,16 +103,30 @@ class RunConfig:
     def quick(self) -> bool:
         return self.profile == "quick"
 
+    def seeds(self, n: int) -> list[int]:
+        """``n`` seeds for repeated runs, derived from :attr:`seed`.
 
-def setup(seed: int = 0, verbose: bool = True) -> RunConfig:
-    """Choose profile and device, seed everything, and say so in one line."""
+        ``seed * n`` to ``seed * n + n - 1``: seed 0 gives 0 … n−1, and two course seeds never
+        share a run, so a claim checked with ``TLCOURSE_SEED=1`` meets fresh splits and weights.
+        """
+        return list(range(self.seed * n, self.seed * n + n))
+
+
+def setup(seed: int | None = None, verbose: bool = True) -> RunConfig:
+    """Choose profile and device, seed everything, and say so in one line.
+
+    ``seed`` defaults to ``TLCOURSE_SEED`` (0 when unset): notebooks call ``env.setup()`` and
+    use ``cfg.seed`` / ``cfg.seeds(n)`` for every random choice.
+    """
+    seed = course_seed() if seed is None else int(seed)
     cfg = RunConfig(profile=profile(), device=device(), seed=seed)
     seed_everything(seed)
     if cfg.device.type == "cpu":
         # Two-core laptops and CI: more threads than cores only adds contention.
         torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     if verbose:
-        print(f"tlcourse: profile={cfg.profile}, device={describe_device(cfg.device)}, seed={seed}")
+        print(f"tlcourse: profile={cfg.profile}, device={describe_device(cfg.device)}, seed={seed}"
+              + ("" if os.environ.get("TLCOURSE_SEED") else " (set TLCOURSE_SEED to rerun with another)"))
     return cfg
 
 
@@ -112,6 +147,13 @@ def _version(dist: str) -> str:
 
 def on_colab() -> bool:
     return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
+def _seed_or_problem():
+    try:
+        return course_seed()
+    except ValueError as exc:
+        return f"invalid ({exc})"
 
 
 def report() -> dict:
@@ -137,5 +179,6 @@ def report() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "profile": prof,
         "profile_source": "TLCOURSE_PROFILE" if os.environ.get("TLCOURSE_PROFILE") else "default (by device)",
+        "seed": _seed_or_problem(),
         "colab": on_colab(),
     }

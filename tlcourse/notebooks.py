@@ -56,7 +56,7 @@ def _html(nb, path: Path) -> None:
 
 def run_notebook(
     path: str | Path, out_dir: str | Path = "build", profile: str | None = None,
-    timeout: int = 1800, inplace: bool = False, html: bool = True,
+    timeout: int = 1800, inplace: bool = False, html: bool = True, seed: int | None = None,
 ) -> RunResult:
     """Execute a notebook in a fresh kernel (its own folder as working directory).
 
@@ -77,10 +77,11 @@ def run_notebook(
         return RunResult(path, ok=False, seconds=0.0, error=f"{path} is not a readable notebook: {exc}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The kernel inherits our environment: the profile, and HEADLESS so widgets draw static
-    # figures (viz.temperature_slider). Both are restored afterwards, so calling this from a
-    # live session leaves that session's widgets interactive.
-    settings = {"TLCOURSE_HEADLESS": "1", **({"TLCOURSE_PROFILE": profile} if profile else {})}
+    # The kernel inherits our environment: the profile, the seed, and HEADLESS so widgets draw
+    # static figures (viz.temperature_slider). All are restored afterwards, so calling this from
+    # a live session leaves that session's widgets interactive.
+    settings = {"TLCOURSE_HEADLESS": "1", **({"TLCOURSE_PROFILE": profile} if profile else {}),
+                **({"TLCOURSE_SEED": str(seed)} if seed is not None else {})}
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False, resources={"metadata": {"path": str(path.parent)}})
