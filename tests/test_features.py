@@ -109,3 +109,30 @@ def test_accuracy_vs_labels_improves_with_labels():
     curve = features.accuracy_vs_labels(x[::2], y[::2], x[1::2], y[1::2], shots=[1, 20], seeds=5)
     assert set(curve) == {1, 20} and all(len(v) == 5 for v in curve.values())
     assert np.mean(curve[20]) > np.mean(curve[1])
+
+
+def test_extract_stage_features_pools_every_stage_in_one_pass():
+    from tlcourse import models
+
+    backbone, _ = models.split_backbone_head(models.efficientnet_lite0(pretrained=False))
+    backbone.train()
+    data = TensorDataset(torch.randn(5, 3, 64, 64), torch.arange(5))
+    stages, labels = features.extract_stage_features(backbone, data, batch_size=2, progress=False)
+    assert list(stages) == ["stem"] + [f"stage {i}" for i in range(1, 8)] + ["pooled"]
+    assert [v.shape[1] for v in stages.values()] == [32, 16, 24, 40, 80, 112, 192, 320, 1280]
+    assert all(v.shape[0] == 5 and v.dtype == torch.float32 for v in stages.values())
+    assert torch.equal(labels, torch.arange(5)) and backbone.training      # mode restored
+    pooled, _ = features.extract_features(backbone, data, batch_size=2, progress=False)
+    torch.testing.assert_close(stages["pooled"], pooled)                   # the usual features, too
+
+
+def test_extract_stage_features_needs_a_timm_backbone():
+    with pytest.raises(TypeError, match="forward_intermediates"):
+        features.extract_stage_features(nn.Linear(4, 2), TensorDataset(torch.randn(2, 4), torch.zeros(2)), progress=False)
+
+
+def test_accuracy_vs_labels_takes_explicit_seeds():
+    x, y = torch.randn(40, 3), torch.arange(40) % 2
+    a = features.accuracy_vs_labels(x, y, x, y, [2], seeds=[7, 8, 9])
+    b = features.accuracy_vs_labels(x, y, x, y, [2], seeds=[7, 8, 9])
+    assert len(a[2]) == 3 and a == b

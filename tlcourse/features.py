@@ -50,6 +50,41 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels).long()
 
 
+def extract_stage_features(
+    backbone: nn.Module, data: Dataset | DataLoader, batch_size: int = 64,
+    device: torch.device | str = "cpu", progress: bool = True, desc: str = "features by stage",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Features of every stage of a timm backbone, in one pass: ``({name: [N, C_i]}, labels [N])``.
+
+    Each stage's feature map ``[N, C_i, h, w]`` is averaged over space (as the backbone's own
+    head does with its last one), so a linear probe can be fitted on each: the direct test of
+    Yosinski et al. (2014)'s general-to-specific layers. Names run from the input up: ``"stem"``,
+    ``"stage 1"`` … (timm's ``forward_intermediates(extra_blocks=True)``), then ``"pooled"``,
+    the ``[N, D]`` vector :func:`extract_features` returns. Eval mode, restored afterwards.
+    """
+    if not hasattr(backbone, "forward_intermediates"):
+        raise TypeError(f"{type(backbone).__name__} has no forward_intermediates(): use a timm model "
+                        "(e.g. models.efficientnet_lite0()) for per-stage features")
+    device = torch.device(device)
+    loader = data if isinstance(data, DataLoader) else train.make_loader(data, batch_size, device=device)
+    was_training = backbone.training
+    backbone.eval().to(device)
+    parts: dict[str, list[torch.Tensor]] = {}
+    labels = []
+    with torch.no_grad():
+        for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            with train.autocast(device):
+                final, maps = backbone.forward_intermediates(x.to(device, non_blocking=True), extra_blocks=True)
+                pooled = backbone.forward_head(final)
+            names = ["stem"] + [f"stage {i}" for i in range(1, len(maps))]
+            for name, fmap in zip(names, maps):
+                parts.setdefault(name, []).append(fmap.float().mean(dim=(2, 3)).cpu())
+            parts.setdefault("pooled", []).append(pooled.float().cpu())
+            labels.append(torch.as_tensor(y))
+    backbone.train(was_training)
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}, torch.cat(labels).long()
+
+
 def features_cache_dir() -> Path:
     """Where :func:`cached_features` keeps feature files: ``TLCOURSE_CACHE`` or ``~/.cache/tlcourse/features``.
 
@@ -177,21 +212,23 @@ def sample_per_class(labels: torch.Tensor | np.ndarray, k: int, seed: int = 0) -
 
 
 def accuracy_vs_labels(
-    train_features, train_labels, val_features, val_labels, shots: Sequence[int], seeds: int = 5,
-    fit: Callable | None = None,
+    train_features, train_labels, val_features, val_labels, shots: Sequence[int],
+    seeds: int | Sequence[int] = 5, fit: Callable | None = None,
 ) -> dict[int, list[float]]:
     """Validation accuracy with ``k`` labelled examples per class, for each ``k`` in ``shots``.
 
-    Each ``k`` is repeated over ``seeds`` random draws (the spread matters most for small
-    ``k``). ``fit(features, labels)`` returns a classifier with ``.score``; default
-    :func:`linear_probe`.
+    Each ``k`` is repeated over random draws, one per seed: ``seeds`` is a number of draws
+    (seeds 0 … n−1) or the seeds themselves (``cfg.seeds(5)`` in a notebook). The spread
+    matters most for small ``k``. ``fit(features, labels)`` returns a classifier with
+    ``.score``; default :func:`linear_probe`.
     """
     fit = fit or linear_probe
     val_features, val_labels = np.asarray(val_features), np.asarray(val_labels)
+    seeds = range(seeds) if isinstance(seeds, int) else list(seeds)
     results = {}
     for k in shots:
         scores = []
-        for seed in range(seeds):
+        for seed in seeds:
             idx = sample_per_class(train_labels, k, seed)
             clf = fit(np.asarray(train_features)[idx], np.asarray(train_labels)[idx])
             scores.append(float(clf.score(val_features, val_labels)))
