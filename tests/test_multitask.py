@@ -193,6 +193,29 @@ def test_fixed_weights_and_make_combiner():
         mt.make_combiner("gradnorm", ["left"])
     with pytest.raises(KeyError, match="sum"):
         fw(_losses(left=1.0))
+    # A mapping is a fixed weighting (e.g. the sum at 1/2, where uncertainty weighting starts).
+    half = mt.make_combiner({"sum": 0.5, "left": 1.0}, ["left", "sum"])
+    assert isinstance(half, mt.FixedWeights) and half.weights() == {"left": 1.0, "sum": 0.5}
+    with pytest.raises(ValueError, match="do not match"):
+        mt.make_combiner({"left": 1.0}, ["left", "sum"])
+
+
+def test_random_weights_are_fresh_each_step_and_sum_to_the_task_count():
+    rw = mt.make_combiner("random", ["left", "right", "sum"], seed=3)
+    assert isinstance(rw, mt.RandomWeights)
+    losses = _losses(left=1.0, right=2.0, sum=3.0)
+    drawn = []
+    for _ in range(200):
+        value = rw(losses)
+        w = rw.weight_vector()
+        assert value.item() == pytest.approx(float(w @ torch.tensor([1.0, 2.0, 3.0])), rel=1e-5)
+        drawn.append(w)
+    drawn = torch.stack(drawn)
+    assert torch.allclose(drawn.sum(1), torch.full((200,), 3.0))      # like equal weights: total 3
+    assert (drawn > 0).all() and drawn.std(0).min() > 0.3              # positive, and really random
+    assert (drawn.mean(0) - 1).abs().max() < 0.15                      # no task favoured on average
+    again = mt.make_combiner("random", ["left", "right", "sum"], seed=3)
+    assert torch.equal(torch.stack([again(losses) * 0 + again.weight_vector() for _ in range(200)]), drawn)
 
 
 def test_uncertainty_weighting_is_kendall_eq_10():
@@ -362,11 +385,14 @@ def test_train_multitask_learns_both_digits(small_data):
 def test_uncertainty_weights_move_and_pcgrad_runs_repeat(small_data):
     train, _ = small_data
     runs = {}
-    for combiner in ("uncertainty", "pcgrad", "pcgrad"):
+    for combiner in ("uncertainty", "pcgrad", "pcgrad", "random"):
         torch.manual_seed(1)
         runs.setdefault(combiner, []).append(
             mt.train_multitask(mt.multitask_net(["left", "sum"]), train.subset(slice(0, 256)), ["left", "sum"],
                                combiner=combiner, epochs=1, batch_size=32, lr=5e-3, seed=1, cosine_every=0))
+    # Random weights: the logged weights are the ones each step drew, different every step.
+    logged = torch.tensor([runs["random"][0].history["weights"][t] for t in ("left", "sum")])
+    assert torch.allclose(logged.sum(0), torch.full((logged.shape[1],), 2.0)) and logged[0].unique().numel() > 1
     u = runs["uncertainty"][0]
     # The log-variances trained from their start (weights 1 and 1/2). The cross-entropy stays
     # above 1/2 in these few steps, so its s* = log(2 L) > 0: s rises and the weight falls.

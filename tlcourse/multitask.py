@@ -41,7 +41,7 @@ __all__ = [
     "CANVAS", "DIGIT", "OFFSET", "BASES", "SPLITS", "MultiDigits", "overlay", "multi_digits",
     "KINDS", "Task", "TASKS", "get_tasks", "task_losses",
     "digit_backbone", "make_heads", "MultiTaskNet", "multitask_net", "single_task", "parameter_counts",
-    "FixedWeights", "UncertaintyWeighting", "PCGrad", "COMBINERS", "make_combiner",
+    "FixedWeights", "UncertaintyWeighting", "RandomWeights", "PCGrad", "COMBINERS", "make_combiner",
     "task_gradients", "pcgrad_combine", "pcgrad_backward", "gradient_cosine",
     "MultiTaskResult", "train_multitask", "predict", "evaluate", "delta_mtl",
 ]
@@ -565,17 +565,44 @@ class PCGrad(FixedWeights):
         return self(losses).detach()
 
 
-COMBINERS = ("equal", "uncertainty", "pcgrad")
+class RandomWeights(FixedWeights):
+    """Random loss weighting (Lin et al. 2022): fresh weights at every step, ``T · softmax(λ)``
+    with ``λ ~ N(0, I)`` over the ``T`` tasks.
+
+    The paper normalises the weights to sum to 1; here they sum to ``T``, as equal weights do,
+    so a learning rate means the same step size under both and the comparison is like for like.
+    Any weighting method worth its cost should beat this baseline. Seeded by ``seed``.
+    """
+
+    def __init__(self, tasks: Sequence[str | Task], seed: int = 0):
+        super().__init__({t.name: 1.0 for t in get_tasks(tasks)})
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        lam = torch.randn(len(self.names), generator=self.generator)
+        self.w = (len(self.names) * torch.softmax(lam, dim=0)).to(self.w.device)
+        return super().forward(losses)
 
 
-def make_combiner(spec: str | nn.Module, tasks: Sequence[str | Task], seed: int = 0) -> nn.Module:
-    """``"equal"`` -> :class:`FixedWeights` of ones, ``"uncertainty"`` ->
-    :class:`UncertaintyWeighting`, ``"pcgrad"`` -> :class:`PCGrad`; a module is returned as is."""
+COMBINERS = ("equal", "uncertainty", "random", "pcgrad")
+
+
+def make_combiner(spec: str | Mapping[str, float] | nn.Module, tasks: Sequence[str | Task],
+                  seed: int = 0) -> nn.Module:
+    """``"equal"`` -> :class:`FixedWeights` of ones, ``{task: weight}`` -> :class:`FixedWeights`
+    of those, ``"uncertainty"`` -> :class:`UncertaintyWeighting`, ``"random"`` ->
+    :class:`RandomWeights`, ``"pcgrad"`` -> :class:`PCGrad`; a module is returned as is."""
     if isinstance(spec, nn.Module):
         return spec
     tasks = get_tasks(tasks)
+    if isinstance(spec, Mapping):
+        if set(spec) != {t.name for t in tasks}:
+            raise ValueError(f"fixed weights for {sorted(spec)} do not match the tasks {[t.name for t in tasks]}")
+        return FixedWeights({t.name: spec[t.name] for t in tasks})
     if spec == "equal":
         return FixedWeights({t.name: 1.0 for t in tasks})
+    if spec == "random":
+        return RandomWeights(tasks, seed=seed)
     if spec == "uncertainty":
         return UncertaintyWeighting(tasks)
     if spec == "pcgrad":
@@ -689,12 +716,12 @@ def train_multitask(model: MultiTaskNet, data, tasks: Sequence[str | Task], *, v
                 history["cosine"]["step"].append(step)
                 history["cosine"]["matrix"].append(gradient_cosine(losses, shared).cpu().tolist())
             step_losses.append(torch.stack([losses[n].detach() for n in names]))
-            step_weights.append(combiner.weight_vector())    # the weights this step uses
             opt.zero_grad(set_to_none=True)
             if surgery:
                 combiner.backward(losses, shared, heads)
             else:
                 combiner(losses).backward()
+            step_weights.append(combiner.weight_vector())    # the weights this step used (random ones are drawn in forward)
             opt.step()
             sched.step()
             step += 1
