@@ -1,6 +1,7 @@
 """Structure every chapter notebook must keep (nbval executes them; see pytest addopts)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,20 @@ def test_readme_commands_install_every_extra_the_notebooks_need():
     assert "tensorflow" in wanted and "dev" in wanted
     assert set(wanted) <= set(extras)
     assert any(req.startswith("keras>=3") for req in extras["tensorflow"])
+
+
+# A literal seed in a chapter would freeze that choice for every TLCOURSE_SEED (CONTRIBUTING's
+# protocol): every random choice derives from cfg.seed / cfg.seeds(n).
+LITERAL_SEED = re.compile(
+    r"(?:\bseed|random_state|manual_seed|set_random_seed|default_rng|seed_everything)\s*[=(]\s*\d")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_chapters_take_every_seed_from_the_course_seed(path):
+    nb = json.loads(path.read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert "env.setup()" in code, "call env.setup() without a seed: it reads TLCOURSE_SEED"
+    literal = [line.strip() for line in code.splitlines() if LITERAL_SEED.search(line)]
+    assert not literal, f"literal seeds (use cfg.seed or cfg.seeds(n)): {literal}"
+    outputs = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    assert "seed=" in outputs, "the committed run must print its seed (env.setup prints it)"
