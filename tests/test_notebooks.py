@@ -97,3 +97,12 @@ def test_chapters_take_every_seed_from_the_course_seed(path):
     assert not literal, f"literal seeds (use cfg.seed or cfg.seeds(n)): {literal}"
     outputs = "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     assert "seed=" in outputs, "the committed run must print its seed (env.setup prints it)"
+
+
+@pytest.mark.parametrize("path", EXERCISES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_chapter_and_exercises_link_each_other(path):
+    chapter = ROOT / "notebooks" / path.name
+    exercises_md = "".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown")
+    chapter_md = "".join("".join(c["source"]) for c in json.loads(chapter.read_text())["cells"] if c["cell_type"] == "markdown")
+    assert f"(../notebooks/{path.name})" in exercises_md, "the exercises must link their chapter"
+    assert f"(../exercises/{path.name})" in chapter_md, "the chapter must link its exercises"
