@@ -106,3 +106,28 @@ def test_chapter_and_exercises_link_each_other(path):
     chapter_md = "".join("".join(c["source"]) for c in json.loads(chapter.read_text())["cells"] if c["cell_type"] == "markdown")
     assert f"(../notebooks/{path.name})" in exercises_md, "the exercises must link their chapter"
     assert f"(../exercises/{path.name})" in chapter_md, "the chapter must link its exercises"
+
+
+@pytest.mark.parametrize("path", CHAPTERS + SOLUTIONS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_frozen_progress_bars_in_committed_outputs(path):
+    nb = json.loads(path.read_text())
+    frozen = [o for c in nb["cells"] for o in c.get("outputs", [])
+              if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+              and "%|" in "".join(o["data"].get("text/plain", ""))]
+    assert not frozen, "tqdm widgets saved at 0 %: `tlcourse run --inplace` drops them (notebooks.drop_progress_widgets)"
+
+
+def test_drop_progress_widgets_keeps_everything_else():
+    import nbformat
+
+    bar = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "x", "version_major": 2, "version_minor": 0},
+        "text/plain": "epoch 1:   0%|          | 0/8 [00:00<?, ?it/s]"})
+    slider = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": "y", "version_major": 2, "version_minor": 0},
+        "text/plain": "interactive(children=(FloatSlider(value=4.0),))"})
+    text = nbformat.v4.new_output("stream", text="accuracy 0.95\n")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[bar, text, slider]), nbformat.v4.new_markdown_cell("m")]
+    assert notebooks.drop_progress_widgets(nb) == 1
+    assert nb.cells[0].outputs == [text, slider]

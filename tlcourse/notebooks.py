@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,29 @@ class RunResult:
     error: str = ""
     failing_cell: str = ""
     results: dict = field(default_factory=dict)
+
+
+_PROGRESS_BAR = re.compile(r"\d+%\|")
+
+
+def drop_progress_widgets(nb) -> int:
+    """Remove tqdm's widget progress bars from a notebook's outputs; returns how many.
+
+    ``tqdm.auto`` draws a Jupyter widget whose live state never reaches the saved file: what
+    is saved is its first frame, a bar frozen at 0 %, which is all a reader on GitHub or
+    nbviewer would see. The printed results next to it are kept.
+    """
+    removed = 0
+    for cell in nb.cells:
+        outputs = cell.get("outputs", [])
+        kept = [o for o in outputs
+                if not (o.get("output_type") == "display_data"
+                        and "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                        and _PROGRESS_BAR.search(str(o["data"].get("text/plain", ""))))]
+        removed += len(outputs) - len(kept)
+        if outputs:
+            cell["outputs"] = kept
+    return removed
 
 
 def _html(nb, path: Path) -> None:
@@ -113,6 +137,7 @@ def run_notebook(
         result.html = result.executed.with_suffix(".html")
         _html(nb, result.html)
     if inplace and result.ok:
+        drop_progress_widgets(nb)
         nbformat.write(nb, path)
     return result
 
