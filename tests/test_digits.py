@@ -224,3 +224,17 @@ def test_stratified_subset_is_balanced_and_exact():
     counts = np.bincount(y[idx], minlength=10)
     assert counts[9] == 5 and counts[:9].min() >= 10
     assert np.array_equal(dg._stratified_subset(y, None, seed=0), np.arange(len(y)))
+
+
+def test_jittered_moves_each_image_by_at_most_max_shift():
+    X = torch.zeros(50, 1, 12, 12)
+    X[:, :, 5, 6] = 1.0                                      # one lit pixel in every image
+    out = dg.jittered(X, copies=3, max_shift=2, seed=0)
+    assert out.shape == (150, 1, 12, 12)
+    ys, xs = out[:, 0].flatten(1).argmax(1).div(12, rounding_mode="floor"), out[:, 0].flatten(1).argmax(1) % 12
+    assert ((ys - 5).abs() <= 2).all() and ((xs - 6).abs() <= 2).all()
+    assert len(set(zip(ys.tolist(), xs.tolist()))) > 15      # shifts differ from image to image
+    assert torch.equal(out, dg.jittered(X, copies=3, max_shift=2, seed=0))
+    assert torch.equal(dg.jittered(X, copies=1, max_shift=0), X)
+    with pytest.raises(ValueError):
+        dg.jittered(X, copies=0)

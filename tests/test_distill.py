@@ -88,6 +88,47 @@ def test_hint_loss_regresses_student_features_onto_the_teachers():
     assert distill.hint_loss(sf, target, reg).item() < start / 50
 
 
+def test_hints_for_a_fully_connected_student_are_vectors():
+    reg = distill.HintRegressor(8, 5)
+    sf, tf = torch.randn(4, 8), torch.randn(4, 5)
+    assert reg(sf).shape == (4, 5)
+    expected = ((reg.proj.weight[:, :, 0, 0] @ sf.T).T + reg.proj.bias - tf).pow(2).mean()
+    assert torch.allclose(distill.hint_loss(sf, tf, reg), expected)
+
+
+def test_fit_hints_trains_the_guided_layers_in_place_and_nothing_above():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    teacher_layer = nn.Sequential(nn.Linear(6, 4), nn.Tanh())
+    x = torch.randn(256, 6)
+    with torch.no_grad():
+        hints = teacher_layer(x)
+    head = [p.detach().clone() for p in student[2].parameters()]
+    first = student[0].weight.detach().clone()
+    reg = distill.HintRegressor(8, 4)
+    losses = distill.fit_hints(student[:2], reg, x, hints, epochs=30, batch_size=32, lr=1e-2, seed=0)
+    assert len(losses) == 30 * 8
+    assert sum(losses[-8:]) / 8 < 0.3 * sum(losses[:8]) / 8          # the hint is learnt ...
+    assert not torch.equal(student[0].weight, first)                  # ... by the student's own layer
+    assert all(torch.equal(p, q) for p, q in zip(student[2].parameters(), head))   # the head is untouched
+    with pytest.raises(ValueError, match="hints"):
+        distill.fit_hints(student[:2], reg, x, hints[:10])
+
+
+def test_class_bias_shift_recovers_a_class_whose_bias_is_too_low():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat(100)
+    logits = 3 * torch.nn.functional.one_hot(labels, 3).float() + 0.5 * torch.randn(300, 3, generator=g)
+    logits[:, 2] -= 6.0                                # class 2 is never predicted ...
+    assert (logits.argmax(1) == 2).sum() == 0
+    shift = distill.class_bias_shift(logits, labels, 2)
+    assert 4.0 <= shift <= 8.0                         # ... until about that much is given back
+    fixed = logits.clone()
+    fixed[:, 2] += shift
+    assert (fixed.argmax(1) == labels).float().mean() > 0.95
+    assert distill.class_bias_shift(3 * torch.nn.functional.one_hot(labels, 3).float(), labels, 2) == 0.0
+
+
 def _toy(n=256, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 2, generator=g)

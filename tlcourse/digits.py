@@ -41,6 +41,7 @@ __all__ = [
     "font_files",
     "syn_digits",
     "handwritten_digits",
+    "jittered",
     "blend_on_photos",
     "Domain",
     "DOMAINS",
@@ -318,6 +319,31 @@ def handwritten_digits(size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
     X, y = datasets.digits()
     X = _resize(torch.from_numpy(X)[:, None], size)
     return X.expand(-1, 3, -1, -1), torch.from_numpy(y)
+
+
+def jittered(X: torch.Tensor, copies: int, max_shift: int = 2, seed: int = 0) -> torch.Tensor:
+    """``copies`` shifted copies of every image ``X [N, C, H, W]`` -> ``[copies * N, C, H, W]``:
+    each image moved by a random whole number of pixels in ``[-max_shift, max_shift]`` along each
+    axis (what came in at one edge leaves at the other: digits have empty borders). Copy ``k`` of
+    image ``i`` is at ``k * N + i``. Hinton et al. (2015) train their MNIST teacher on inputs
+    "jittered by up to two pixels in any direction". Deterministic by ``seed``.
+
+    torchvision's ``RandomAffine`` draws one shift per call; this draws one per image for a
+    whole tensor at once (one ``torch.roll`` per distinct shift), which is what a small
+    in-memory digit set needs.
+    """
+    if copies < 1 or max_shift < 0:
+        raise ValueError(f"need copies >= 1 and max_shift >= 0, got {copies} and {max_shift}")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(copies):
+        shifts = torch.randint(-max_shift, max_shift + 1, (len(X), 2), generator=gen)
+        moved = torch.empty_like(X)
+        for dy, dx in torch.unique(shifts, dim=0).tolist():
+            rows = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
+            moved[rows] = torch.roll(X[rows], (dy, dx), dims=(-2, -1))
+        out.append(moved)
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------- MNIST-M construction

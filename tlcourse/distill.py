@@ -3,11 +3,14 @@
 - :func:`soften` — logits to a temperature-softened distribution;
 - :func:`kd_loss` — Hinton, Vinyals & Dean (2015): ``α · T² · KL(p_T^teacher ‖ p_T^student)
   + (1 − α) · CE(student, labels)``;
-- :class:`HintRegressor` and :func:`hint_loss` — FitNets (Romero et al. 2015): a small
-  regressor maps the student's intermediate features onto the teacher's, trained with MSE;
+- :class:`HintRegressor`, :func:`hint_loss` and :func:`fit_hints` — FitNets (Romero et al.
+  2015): a small regressor maps the student's intermediate features onto the teacher's, trained
+  with MSE, as a first stage before distillation;
 - :func:`teacher_logits` — the teacher's outputs computed once (when inputs are not
   augmented, every epoch would recompute exactly these numbers);
 - :func:`distill` — one explicit training loop that never updates the teacher, and checks it;
+- :func:`class_bias_shift` — the bias added to one class's logit that a held-out set prefers
+  (Hinton et al. 2015's check that a student taught without a class still knows it);
 - :class:`StudentCNN` — the small student; :func:`augmented_views` and :func:`to_input` — a fixed
   transfer set of augmented views, so teacher and student see the same crops and the teacher's
   logits can be cached.
@@ -67,15 +70,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 class HintRegressor(nn.Module):
     """FitNets' regressor: student feature maps ``[B, c_s, h, w]`` -> the teacher's shape
     ``[B, c_t, h_t, w_t]`` with a 1x1 convolution (and bilinear resizing when the grids differ).
+    Feature vectors ``[B, c_s]`` (a fully connected student) map to ``[B, c_t]``: the 1x1
+    convolution of a 1x1 map is a linear layer.
 
     A simplification of Romero et al. (2015), whose convolutional regressor's kernel is sized so
-    that the grids match, and who train the hint in a first stage before distillation."""
+    that the grids match; :func:`fit_hints` is their first training stage."""
 
     def __init__(self, student_channels: int, teacher_channels: int):
         super().__init__()
         self.proj = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
 
     def forward(self, student_features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if student_features.dim() == 2:
+            return self.proj(student_features[:, :, None, None]).flatten(1)
         out = self.proj(student_features)
         if size is not None and tuple(out.shape[-2:]) != tuple(size):
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
@@ -84,9 +91,59 @@ class HintRegressor(nn.Module):
 
 def hint_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, regressor: HintRegressor) -> torch.Tensor:
     """FitNets (Romero et al. 2015) hint loss: mean squared error between the regressed student
-    features and the (detached) teacher features ``[B, c_t, h_t, w_t]``."""
-    guided = regressor(student_features, size=tuple(teacher_features.shape[-2:]))
+    features and the (detached) teacher features ``[B, c_t, h_t, w_t]`` (or vectors ``[B, c_t]``)."""
+    size = tuple(teacher_features.shape[-2:]) if teacher_features.dim() == 4 else None
+    guided = regressor(student_features, size=size)
     return F.mse_loss(guided, teacher_features.detach())
+
+
+def fit_hints(guided: nn.Module, regressor: HintRegressor, images: torch.Tensor, hints: torch.Tensor, *,
+              epochs: int = 10, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4,
+              seed: int = 0, device: torch.device | str = "cpu") -> list[float]:
+    """FitNets' first stage (Romero et al. 2015): train the student's layers up to its *guided*
+    layer, and the regressor, so that the regressed features match the teacher's *hint* layer.
+
+    ``guided`` maps ``images [N, ...]`` to the student's features (e.g. ``student[:3]`` of an
+    ``nn.Sequential``, or ``student.body[:6]``): a module that *shares* its parameters with the
+    student, so training it trains the student's lower layers in place. ``hints [N, ...]`` are
+    the teacher's features on the same images, computed once (the teacher is frozen). Then
+    train the whole student with :func:`distill` (the second stage). AdamW, constant learning
+    rate. Returns the per-step hint losses.
+    """
+    if len(images) != len(hints):
+        raise ValueError(f"{len(images)} images but {len(hints)} hints")
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    guided, regressor = guided.to(device).train(), regressor.to(device)
+    images, hints = images.to(device), hints.to(device)
+    opt = torch.optim.AdamW([*guided.parameters(), *regressor.parameters()], lr=lr, weight_decay=weight_decay)
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=gen).to(device)
+        for i in range(max(1, len(images) // batch_size)):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            loss = hint_loss(guided(images[idx]), hints[idx], regressor)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+    return torch.stack(losses).cpu().tolist()
+
+
+def class_bias_shift(logits: torch.Tensor, labels: torch.Tensor, cls: int,
+                     shifts: torch.Tensor | None = None) -> float:
+    """The amount added to class ``cls``'s logit (``logits [N, C]``, ``labels [N]``) that gives the
+    highest accuracy on these examples; ties go to the smallest shift.
+
+    Hinton et al. (2015) distil MNIST without a single 3 in the transfer set: the student's
+    errors on 3s are then mostly a bias too low for the class it never saw, and raising that one
+    bias recovers most 3s. Choose the shift on held-out examples and report on others.
+    ``shifts`` defaults to 0, 0.25, ..., 20.
+    """
+    shifts = torch.arange(0, 20.25, 0.25) if shifts is None else torch.as_tensor(shifts, dtype=logits.dtype)
+    onehot = F.one_hot(torch.tensor(cls), logits.shape[1]).to(logits.dtype)
+    acc = torch.stack([((logits + d * onehot).argmax(1) == labels).float().mean() for d in shifts])
+    return float(shifts[int(acc.argmax())])     # argmax returns the first maximum
 
 
 @torch.no_grad()
