@@ -238,3 +238,8 @@ def test_jittered_moves_each_image_by_at_most_max_shift():
     assert torch.equal(dg.jittered(X, copies=1, max_shift=0), X)
     with pytest.raises(ValueError):
         dg.jittered(X, copies=0)
+    # Ink at the edge leaves the frame instead of coming back at the other side.
+    edge = torch.zeros(200, 1, 12, 12)
+    edge[:, :, 0, :] = 1.0
+    moved = dg.jittered(edge, copies=1, max_shift=2, seed=1)
+    assert moved[:, :, -2:, :].sum() == 0 and moved.sum() < edge.sum()

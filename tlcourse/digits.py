@@ -324,24 +324,27 @@ def handwritten_digits(size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
 def jittered(X: torch.Tensor, copies: int, max_shift: int = 2, seed: int = 0) -> torch.Tensor:
     """``copies`` shifted copies of every image ``X [N, C, H, W]`` -> ``[copies * N, C, H, W]``:
     each image moved by a random whole number of pixels in ``[-max_shift, max_shift]`` along each
-    axis (what came in at one edge leaves at the other: digits have empty borders). Copy ``k`` of
-    image ``i`` is at ``k * N + i``. Hinton et al. (2015) train their MNIST teacher on inputs
-    "jittered by up to two pixels in any direction". Deterministic by ``seed``.
+    axis, the uncovered border filled with 0 (background) and what leaves the frame dropped.
+    Copy ``k`` of image ``i`` is at ``k * N + i``. Hinton et al. (2015) train their MNIST teacher
+    on inputs "jittered by up to two pixels in any direction". Deterministic by ``seed``.
 
     torchvision's ``RandomAffine`` draws one shift per call; this draws one per image for a
-    whole tensor at once (one ``torch.roll`` per distinct shift), which is what a small
-    in-memory digit set needs.
+    whole tensor at once (one slice of the zero-padded batch per distinct shift), which is what
+    a small in-memory digit set needs.
     """
     if copies < 1 or max_shift < 0:
         raise ValueError(f"need copies >= 1 and max_shift >= 0, got {copies} and {max_shift}")
     gen = torch.Generator().manual_seed(seed)
+    m, (h, w) = max_shift, X.shape[-2:]
+    padded = F.pad(X, (m, m, m, m))
     out = []
     for _ in range(copies):
-        shifts = torch.randint(-max_shift, max_shift + 1, (len(X), 2), generator=gen)
-        moved = torch.empty_like(X)
+        shifts = torch.randint(-m, m + 1, (len(X), 2), generator=gen)
+        moved = torch.empty(X.shape, dtype=X.dtype)
         for dy, dx in torch.unique(shifts, dim=0).tolist():
             rows = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
-            moved[rows] = torch.roll(X[rows], (dy, dx), dims=(-2, -1))
+            # Moving the image down by dy reads the padded batch dy rows higher up.
+            moved[rows] = padded[rows][..., m - dy:m - dy + h, m - dx:m - dx + w]
         out.append(moved)
     return torch.cat(out)
 
