@@ -12,7 +12,8 @@ cell, a helper ``lambda`` in another cell, a count returned as a NumPy integer o
   in a subprocess (one per chapter), which forks a child per notebook and a grandchild per
   question, each under a timeout;
 - *the grader's view*: the per-test ``passed`` of :func:`tlcourse.grading.grader.grade` on
-  the same files (one call per chapter, two jobs).
+  the same files, with each chapter's grading-test timeout (one call per chapter, two jobs; pytest
+  runs this module after the chapters' grading tests, whose grades of these files it reuses).
 
 The two must agree on every visible test; when they do not, the table of disagreements is
 printed. Left out on purpose (``HOSTILE``): the crafted submissions that tamper with the
@@ -40,7 +41,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 CHAPTERS = ["00", "01", "02", "03", "04", "05"]
-GRADE_TIMEOUT = 6.0       # grader: seconds per question (as the chapters' grading tests, a little more)
 QUESTION_SECONDS = 6.0    # kernel: seconds for the visible tests of one question
 CELL_SECONDS = 4.0        # kernel: a cell running longer is interrupted (a learner would press stop)
 HOSTILE = {"writes_result_channel", "patches_torch", "patches_builtins", "patches_checks_module",
@@ -118,6 +118,19 @@ def issue_cases(solution: dict) -> dict:
     cases["freeze_count_as_0d_tensor"] = _set_answer(solution, "q4", freeze.replace(
         "    return frozen", "    return torch.tensor(frozen)"))
     return cases
+
+
+def grade_timeout(chapter: str) -> float:
+    """The grader's seconds per question for ``chapter``: those of the chapter's grading tests,
+    whose grades of the same notebooks :func:`grading_support.grade_once` then reuses."""
+    import test_grading
+    import test_grading_ch01_02
+
+    if chapter == "00":
+        return test_grading.TIMEOUT
+    if chapter in ("01", "02"):
+        return test_grading_ch01_02.TIMEOUT
+    return __import__(f"test_grading_ch{chapter}").TIMEOUT
 
 
 def chapter_notebooks(chapter: str, folder: Path) -> dict[str, Path]:
@@ -480,10 +493,11 @@ def _mark(passed) -> str:
 @pytest.fixture(scope="module")
 def agreement(tmp_path_factory):
     """Both views of every chapter's notebooks: the kernel's in one subprocess per chapter, run one
-    after the other by a thread, while this process grades the chapters one after the other."""
+    after the other by a thread, while this process grades the chapters one after the other (or
+    takes the grades the chapters' grading tests made of the same files: see ``grade_once``)."""
     import threading
 
-    from tlcourse.grading import grader
+    from grading_support import grade_once
 
     started = time.monotonic()
     jobs = {}
@@ -508,7 +522,7 @@ def agreement(tmp_path_factory):
     graded = {}
     for chapter, (_, paths) in jobs.items():
         t0 = time.monotonic()
-        subs = dict(zip(paths, grader.grade(list(paths.values()), timeout=GRADE_TIMEOUT, jobs=2)))
+        subs = dict(zip(paths, grade_once(list(paths.values()), grade_timeout(chapter))))
         for name, sub in subs.items():
             assert not sub.error, f"{name}: {sub.error}"
         graded[chapter] = _grader_view(subs)
@@ -536,13 +550,14 @@ def test_check_and_grade_agree_on_every_visible_test(agreement):
 def test_issue_cases_get_full_marks(tmp_path):
     """The issue's unfair zeros are gone: each is graded full (and, by the agreement above,
     passes check() too)."""
+    from grading_support import grade_once
     from tlcourse.grading import grader
 
     paths = []
     for name, nb in issue_cases(_load(ROOT / "solutions" / "00_setup_and_first_look.ipynb")).items():
         paths.append(tmp_path / f"00_{name}.ipynb")
         paths[-1].write_text(json.dumps(nb), encoding="utf-8")
-    subs = grader.grade(paths, timeout=GRADE_TIMEOUT, jobs=2)
+    subs = grade_once(paths, grade_timeout("00"))
     print(grader.table(subs))
     for sub in subs:
         assert sub.score == sub.max_score == 13, grader.details(sub)

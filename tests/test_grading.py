@@ -16,7 +16,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-from grading_support import unanswered_after_run_all
+from grading_support import grade_and_remember, unanswered_after_run_all
 
 from tlcourse.grading import exercises, extract, grader
 
@@ -181,7 +181,7 @@ def graded(tmp_path_factory):
             path.write_text(content, encoding="utf-8")
         paths[name] = path
     started = time.monotonic()
-    subs = grader.grade(list(paths.values()), timeout=TIMEOUT, jobs=2)
+    subs = grade_and_remember(list(paths.values()), TIMEOUT)
     print(f"\n{len(subs)} crafted submissions graded in {time.monotonic() - started:.1f} s")
     print(grader.table(subs))
     return {name: sub for name, sub in zip(paths, subs)}
@@ -192,13 +192,13 @@ def _scores(sub) -> dict:
 
 
 def test_solutions_get_full_marks():
-    [sub] = grader.grade([SOLUTION], timeout=TIMEOUT)
+    [sub] = grade_and_remember([SOLUTION], TIMEOUT)
     assert sub.max_score >= 10 and sub.score == sub.max_score, grader.details(sub)
     assert not sub.review and not sub.error
 
 
 def test_exercises_get_zero_with_kind_messages():
-    [sub] = grader.grade([EXERCISE], timeout=TIMEOUT)
+    [sub] = grade_and_remember([EXERCISE], TIMEOUT)
     assert sub.score == 0 and sub.max_score > 0
     for q in sub.questions:
         for t in q.tests:
