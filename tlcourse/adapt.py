@@ -317,8 +317,13 @@ def train_adapt(
     if min(len(xs), len(xt)) < config.batch_size:
         raise ValueError(f"need at least batch_size={config.batch_size} source and target images, got "
                          f"{len(xs)} and {len(xt)}: lower AdaptConfig.batch_size")
-    model = (model or DigitNet(num_classes=int(ys.max()) + 1)).to(device)
-    xs, ys, xt = xs.to(device), ys.to(device), xt.to(device)  # digits fit in memory, even on a GPU
+    # Digits fit in memory, even on a GPU. Channels-last images and weights: oneDNN on CPUs and
+    # cuDNN on GPUs convolve and pool them faster (measured on 2 CPU cores: DigitNet's 16-px step
+    # 1.3x, its max-pools 10x), as in distill.distill and multitask.train_multitask.
+    fast = torch.channels_last if xs.dim() == 4 else torch.contiguous_format
+    model = _train.channels_last(model or DigitNet(num_classes=int(ys.max()) + 1), device, on=xs.dim() == 4)
+    xs, ys = xs.to(device).contiguous(memory_format=fast), ys.to(device)
+    xt = xt.to(device).contiguous(memory_format=fast)
 
     params = list(model.parameters())
     disc = None
@@ -384,7 +389,7 @@ def train_adapt(
         history["adapt_loss"].append(adapt_loss.item())
     if method == "adabn":
         adabn(model, xt)
-    model.eval()
+    model = _train.channels_last(model, on=False).eval()
     return AdaptResult(method, seed, model, seconds=time.perf_counter() - start, history=history)
 
 

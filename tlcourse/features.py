@@ -40,13 +40,13 @@ def extract_features(
     device = torch.device(device)
     loader = data if isinstance(data, DataLoader) else train.make_loader(data, batch_size, device=device)
     was_training = backbone.training
-    backbone.eval().to(device)
+    train.channels_last(backbone.eval(), device)
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
         with train.autocast(device):
-            feats.append(backbone(x.to(device, non_blocking=True)).float().cpu())
+            feats.append(backbone(train.to_device(x, device)).float().cpu())
         labels.append(torch.as_tensor(y))
-    backbone.train(was_training)
+    train.channels_last(backbone, on=False).train(was_training)
     return torch.cat(feats), torch.cat(labels).long()
 
 
@@ -68,20 +68,20 @@ def extract_stage_features(
     device = torch.device(device)
     loader = data if isinstance(data, DataLoader) else train.make_loader(data, batch_size, device=device)
     was_training = backbone.training
-    backbone.eval().to(device)
+    train.channels_last(backbone.eval(), device)
     parts: dict[str, list[torch.Tensor]] = {}
     labels = []
     with torch.no_grad():
         for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
             with train.autocast(device):
-                final, maps = backbone.forward_intermediates(x.to(device, non_blocking=True), extra_blocks=True)
+                final, maps = backbone.forward_intermediates(train.to_device(x, device), extra_blocks=True)
                 pooled = backbone.forward_head(final)
             names = ["stem"] + [f"stage {i}" for i in range(1, len(maps))]
             for name, fmap in zip(names, maps):
                 parts.setdefault(name, []).append(fmap.float().mean(dim=(2, 3)).cpu())
             parts.setdefault("pooled", []).append(pooled.float().cpu())
             labels.append(torch.as_tensor(y))
-    backbone.train(was_training)
+    train.channels_last(backbone, on=False).train(was_training)
     return {name: torch.cat(chunks) for name, chunks in parts.items()}, torch.cat(labels).long()
 
 
