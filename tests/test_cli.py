@@ -1,4 +1,7 @@
-"""The tlcourse command line, run as a learner runs it: a subprocess of the installed script."""
+"""The tlcourse command line. ``run`` starts it as a learner does, a subprocess of the installed
+script: the tests of starting, of the environment a command sees and of the notebook runner use it.
+``call`` runs the same ``cli.main`` in this process, where torch is already imported (each subprocess
+spends about 5 s importing torch and timm): the tests of what a command prints and returns use it."""
 
 import dataclasses
 import json
@@ -19,6 +22,23 @@ def run(*args, env=None, timeout=300):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "tlcourse.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture
+def call(capsys, monkeypatch):
+    """``call(*args, env=None)``: ``cli.main(args)`` in this process, as a CompletedProcess (return
+    code, captured stdout and stderr; argparse's exits become return codes)."""
+    def call(*args, env=None):
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return call
 
 
 @pytest.mark.parametrize("command", ["env", "data", "predict", "run", "results", "grade", "exercises", "bench"])
@@ -46,10 +66,10 @@ def test_env_explains_machine(tmp_path):
     assert data["data_dir"] == str(tmp_path) and data["datasets"]["hymenoptera"] == "missing"
 
 
-def test_data_list_and_verify_missing(tmp_path):
-    out = run("data", "list")
+def test_data_list_and_verify_missing(call, tmp_path):
+    out = call("data", "list")
     assert out.returncode == 0 and "hymenoptera" in out.stdout and "digits" in out.stdout
-    out = run("data", "verify", env={"TLCOURSE_DATA": str(tmp_path)})
+    out = call("data", "verify", env={"TLCOURSE_DATA": str(tmp_path)})
     assert out.returncode == 0, out.stderr  # missing is not an error, corrupt is
     assert "hymenoptera" in out.stdout and "missing" in out.stdout
 
@@ -62,12 +82,12 @@ def test_data_fetch_offline_explains(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir()), "a failed fetch left files behind"
 
 
-def test_predict_reports_bad_files_and_still_predicts(tmp_path, bundled_photos):
+def test_predict_reports_bad_files_and_still_predicts(call, tmp_path, bundled_photos):
     cat = tmp_path / "cat.jpg"
     bundled_photos["chelsea"].save(cat)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 this is not really a jpeg")
-    out = run("predict", str(cat), str(tmp_path / "nope.png"), str(broken), "--top", "3", "--json")
+    out = call("predict", str(cat), str(tmp_path / "nope.png"), str(broken), "--top", "3", "--json")
     assert out.returncode == 1  # some files failed
     result = json.loads(out.stdout)
     assert len(result[str(cat)]) == 3
@@ -77,10 +97,10 @@ def test_predict_reports_bad_files_and_still_predicts(tmp_path, bundled_photos):
     assert "nope.png" in out.stderr and "broken.jpg" in out.stderr
 
 
-def test_predict_text_output(tmp_path, bundled_photos):
+def test_predict_text_output(call, tmp_path, bundled_photos):
     coffee = tmp_path / "coffee.png"
     bundled_photos["coffee"].save(coffee)
-    out = run("predict", str(coffee), "--top", "2")
+    out = call("predict", str(coffee), "--top", "2")
     assert out.returncode == 0, out.stderr
     assert "1." in out.stdout and "espresso" in out.stdout.splitlines()[1]
 
@@ -118,8 +138,8 @@ def test_run_notebook_sets_headless_for_the_kernel_only(tmp_path, monkeypatch):
     assert "TLCOURSE_HEADLESS" not in os.environ and os.environ["TLCOURSE_PROFILE"] == "quick"
 
 
-def test_run_rejects_a_negative_seed(tmp_path):
-    out = run("run", "--seed", "-1", str(tmp_path / "any.ipynb"))
+def test_run_rejects_a_negative_seed(call, tmp_path):
+    out = call("run", "--seed", "-1", str(tmp_path / "any.ipynb"))
     assert out.returncode == 2 and "must be 0 or more" in out.stderr
 
 
@@ -149,22 +169,22 @@ def test_predict_names_ants_and_bees_in_real_photos():
     assert right >= 12, f"only {right}/16 ants and bees named correctly"
 
 
-def test_data_verify_flags_a_corrupt_copy(tmp_path):
+def test_data_verify_flags_a_corrupt_copy(call, tmp_path):
     ants = tmp_path / "hymenoptera_data" / "train" / "ants"
     ants.mkdir(parents=True)
     (ants / "half.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
-    out = run("data", "verify", "hymenoptera", env={"TLCOURSE_DATA": str(tmp_path)})
+    out = call("data", "verify", "hymenoptera", env={"TLCOURSE_DATA": str(tmp_path)})
     assert out.returncode == 1
     assert "corrupt" in out.stdout and "tlcourse data fetch hymenoptera" in out.stdout
     assert "half.jpg" in out.stdout  # the unreadable image is named
 
 
-def test_bad_arguments_get_clear_errors(tmp_path):
-    out = run("predict", "x.jpg", "--top", "0")
+def test_bad_arguments_get_clear_errors(call, tmp_path):
+    out = call("predict", "x.jpg", "--top", "0")
     assert out.returncode == 2 and "--top must be at least 1" in out.stderr
-    out = run("data", "verify", "hymenopetra")
+    out = call("data", "verify", "hymenopetra")
     assert out.returncode == 2 and "Did you mean 'hymenoptera'" in out.stderr and "Traceback" not in out.stderr
-    out = run("predict", "--model", str(tmp_path / "none.pt"), "x.jpg")
+    out = call("predict", "--model", str(tmp_path / "none.pt"), "x.jpg")
     assert out.returncode == 2 and "No saved model" in out.stderr
 
 
@@ -176,9 +196,9 @@ def test_run_reports_a_cell_timeout(tmp_path):
     assert "longer than the 3 s limit" in out.stderr and "time.sleep(60)" in out.stderr
 
 
-def test_bench_da_prints_table_and_writes_json(tmp_path):
+def test_bench_da_prints_table_and_writes_json(call, tmp_path):
     out = tmp_path / "da.json"
-    res = run("bench", "da", "--profile", "quick", "--steps", "3", "--seeds", "2", "--methods", "source_only,adabn",
+    res = call("bench", "da", "--profile", "quick", "--steps", "3", "--seeds", "2", "--methods", "source_only,adabn",
               "--json", str(out))
     assert res.returncode == 0, res.stderr
     assert "digits -> digits_m" in res.stdout and "| source_only |" in res.stdout and "| target_oracle |" in res.stdout
@@ -190,14 +210,14 @@ def test_bench_da_prints_table_and_writes_json(tmp_path):
     assert all(0 <= r["target_acc"] <= 1 for r in pair["runs"]) and pair["config"]["steps"] == 3
 
 
-def test_bench_da_bad_input(tmp_path):
-    res = run("bench", "da", "--methods", "cdan", "--steps", "1")
+def test_bench_da_bad_input(call, tmp_path):
+    res = call("bench", "da", "--methods", "cdan", "--steps", "1")
     assert res.returncode == 2 and "unknown method" in res.stderr and "dann" in res.stderr
-    res = run("bench", "da", "--pair", "digits")
+    res = call("bench", "da", "--pair", "digits")
     assert res.returncode == 2 and "SOURCE:TARGET" in res.stderr
-    res = run("bench", "da", "--pair", "digits:mnist_n", "--steps", "1")
+    res = call("bench", "da", "--pair", "digits:mnist_n", "--steps", "1")
     assert res.returncode == 2 and "No digit domain named 'mnist_n'" in res.stderr
     # An online pair whose data is missing: the registry's explanation, not a traceback.
-    res = run("bench", "da", "--pair", "mnist:usps", "--steps", "1", "--seeds", "1", "--no-download",
+    res = call("bench", "da", "--pair", "mnist:usps", "--steps", "1", "--seeds", "1", "--no-download",
               env={"TLCOURSE_DATA": str(tmp_path)})
     assert res.returncode == 2 and "TLCOURSE_DATA" in res.stderr and "Traceback" not in res.stderr
