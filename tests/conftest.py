@@ -12,6 +12,29 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TLCOURSE_HEADLESS", "1")  # nbval kernels inherit it: widgets draw static figures
 
 
+@pytest.fixture
+def call(capsys, monkeypatch):
+    """``call(*args, env=None)``: the ``tlcourse`` command's ``cli.main(args)`` in this process (torch
+    already imported), as a CompletedProcess: return code, captured stdout and stderr; argparse's exits
+    become return codes. For the tests of what a command prints and returns; the tests of how it
+    starts run the installed script in a subprocess."""
+    import subprocess
+
+    from tlcourse import cli
+
+    def call(*args, env=None):
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return call
+
+
 @pytest.fixture(scope="session")
 def lite0():
     from tlcourse import models

@@ -1,7 +1,8 @@
 """The tlcourse command line. ``run`` starts it as a learner does, a subprocess of the installed
 script: the tests of starting, of the environment a command sees and of the notebook runner use it.
 ``call`` runs the same ``cli.main`` in this process, where torch is already imported (each subprocess
-spends about 5 s importing torch and timm): the tests of what a command prints and returns use it."""
+spends about 5 s importing torch and timm): the tests of what a command prints and returns use it
+(``call`` is in conftest.py)."""
 
 import dataclasses
 import json
@@ -22,23 +23,6 @@ def run(*args, env=None, timeout=300):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "tlcourse.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=ROOT)
-
-
-@pytest.fixture
-def call(capsys, monkeypatch):
-    """``call(*args, env=None)``: ``cli.main(args)`` in this process, as a CompletedProcess (return
-    code, captured stdout and stderr; argparse's exits become return codes)."""
-    def call(*args, env=None):
-        for name, value in (env or {}).items():
-            monkeypatch.setenv(name, value)
-        capsys.readouterr()
-        try:
-            code = cli.main(list(args))
-        except SystemExit as exc:
-            code = exc.code
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-    return call
 
 
 @pytest.mark.parametrize("command", ["env", "data", "predict", "run", "results", "grade", "exercises", "bench"])

@@ -80,7 +80,7 @@ def test_probe_command_end_to_end(tmp_path):
     ("empty_class", "contain no images"),
     ("loose", "lie directly in"),
 ])
-def test_probe_command_rejects_bad_folders(tmp_path, layout, message):
+def test_probe_command_rejects_bad_folders(call, tmp_path, layout, message):
     root = tmp_path / "train"
     if layout == "one_class":
         make_folder(root, classes=("red",))
@@ -90,11 +90,11 @@ def test_probe_command_rejects_bad_folders(tmp_path, layout, message):
     else:
         make_folder(root)
         Image.new("RGB", (8, 8)).save(root / "stray.jpg")
-    out = _cli("probe", str(root), "--val-split", "0.3")
+    out = call("probe", str(root), "--val-split", "0.3")
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
-def test_finetune_command_end_to_end(tmp_path):
+def test_finetune_command_end_to_end(call, tmp_path):
     make_folder(tmp_path / "train", n=8)
     model = tmp_path / "ft.pt"
     out = _cli("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--image-size", "64", "--epochs", "2",
@@ -104,5 +104,5 @@ def test_finetune_command_end_to_end(tmp_path):
     assert summary["val_images"] == 4 and summary["train_images"] == 12 and len(summary["val_accuracy_per_epoch"]) == 2
     assert 0 < summary["trainable_parameters"] < 4_000_000  # only the last group and the head train
     assert model.exists()
-    out = _cli("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--epochs", "0")
+    out = call("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--epochs", "0")
     assert out.returncode == 2 and "at least 1" in out.stderr
