@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import pickle
 import time
 from pathlib import Path
 
@@ -46,7 +48,9 @@ def write_crafted(folder: Path, solution: Path, variants: dict, name: str) -> di
 # Every Submission graded in this test session, under (file name, sha-256 of its bytes, timeout).
 # The chapters' grading tests and test_check_agreement grade the same crafted notebooks; pytest
 # runs the agreement last (conftest.py), so it reuses these grades instead of grading again. Only
-# results are shared: the tests that time grading time their own, real, run.
+# results are shared: the tests that time grading time their own, real, run. Under pytest-xdist
+# the grading tests may have run in the other worker, so each grade is also pickled into the
+# folder conftest.py names in TLCOURSE_TEST_GRADES (one file per key, written whole, then renamed).
 _GRADED: dict[tuple[str, str, float], grader.Submission] = {}
 
 
@@ -54,12 +58,33 @@ def _key(path, timeout: float) -> tuple[str, str, float]:
     return Path(path).name, hashlib.sha256(Path(path).read_bytes()).hexdigest(), float(timeout)
 
 
+def _shared_file(key: tuple[str, str, float]) -> Path | None:
+    folder = os.environ.get("TLCOURSE_TEST_GRADES")
+    if not folder or not Path(folder).is_dir():
+        return None
+    return Path(folder) / (hashlib.sha256(repr(key).encode()).hexdigest() + ".pickle")
+
+
+def _remembered(key: tuple[str, str, float]) -> grader.Submission | None:
+    if key not in _GRADED:
+        shared = _shared_file(key)
+        if shared is not None and shared.exists():
+            _GRADED[key] = pickle.loads(shared.read_bytes())
+    return _GRADED.get(key)
+
+
 def grade_and_remember(paths: list, timeout: float, jobs: int = 2) -> list:
     """``grader.grade(paths, timeout=timeout, jobs=jobs)``, its results remembered for
     :func:`grade_once`."""
     subs = grader.grade(list(paths), timeout=timeout, jobs=jobs)
     for path, sub in zip(paths, subs):
-        _GRADED[_key(path, timeout)] = sub
+        key = _key(path, timeout)
+        _GRADED[key] = sub
+        shared = _shared_file(key)
+        if shared is not None:
+            part = shared.with_name(f"{shared.name}.{os.getpid()}")
+            part.write_bytes(pickle.dumps(sub))
+            part.replace(shared)
     return subs
 
 
@@ -68,7 +93,7 @@ def grade_once(paths: list, timeout: float, jobs: int = 2) -> list:
     timeout) are reused, the others graded now in one run. A grade does not depend on when it is
     made: the checks draw their inputs from seeded generators, and the crafted hangs run far past
     any timeout."""
-    todo = [p for p in paths if _key(p, timeout) not in _GRADED]
+    todo = [p for p in paths if _remembered(_key(p, timeout)) is None]
     if todo:
         grade_and_remember(todo, timeout, jobs)
     return [_GRADED[_key(p, timeout)] for p in paths]
