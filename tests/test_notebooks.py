@@ -82,6 +82,28 @@ def test_readme_commands_install_every_extra_the_notebooks_need():
     assert any(req.startswith("keras>=3") for req in extras["tensorflow"])
 
 
+def test_test_command_runs_two_processes_unless_told_otherwise(monkeypatch):
+    # nbval needs a notebook's cells in one kernel: --dist loadscope, whatever the worker count.
+    import sys
+
+    from tlcourse import bootstrap
+
+    py = Path(sys.executable)
+    monkeypatch.delenv("TLCOURSE_TEST_WORKERS", raising=False)
+    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 2)
+    assert bootstrap._parallel(py, []) == ["-n", "2", "--dist", "loadscope", "--no-loadscope-reorder"]
+    for chosen in (["-n", "4"], ["-n4"], ["-nauto"], ["--numprocesses=3"], ["-p", "no:xdist"], ["--dist", "loadfile"]):
+        assert bootstrap._parallel(py, ["-x", *chosen]) == [], chosen
+    assert bootstrap._parallel(py, ["--nbval-lax", "-k", "data"])[:2] == ["-n", "2"]
+    monkeypatch.setenv("TLCOURSE_TEST_WORKERS", "0")
+    assert bootstrap._parallel(py, []) == []
+    monkeypatch.setenv("TLCOURSE_TEST_WORKERS", "3")
+    assert bootstrap._parallel(py, [])[:2] == ["-n", "3"]
+    monkeypatch.delenv("TLCOURSE_TEST_WORKERS")
+    monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 1)
+    assert bootstrap._parallel(py, []) == []
+
+
 # A literal seed in a chapter would freeze that choice for every TLCOURSE_SEED (CONTRIBUTING's
 # protocol): every random choice derives from cfg.seed / cfg.seeds(n).
 LITERAL_SEED = re.compile(
