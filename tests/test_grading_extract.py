@@ -10,6 +10,7 @@ succeed) or read it differently from the learner's kernel.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import re
@@ -67,11 +68,22 @@ def _run(program) -> dict:
     return ns
 
 
-def _cpu(fn, *args):
-    """(result, CPU seconds of this process): steadier than wall time on a busy machine."""
-    started = time.process_time()
-    result = fn(*args)
-    return result, time.process_time() - started
+def _cpu(fn, *args, repeat: int = 3):
+    """(result, CPU seconds of this process, the best of ``repeat`` calls with the garbage collector
+    off): steadier than one wall-time measurement on a busy machine. Under pytest-xdist the other
+    worker shares the cores and caches, and a full collection of this worker's heap can land in a
+    single call (seen: 1.33 s for a call that takes 0.2 s); the best of three is what the code costs."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        gc.collect()
+        gc.disable()
+        try:
+            started = time.process_time()
+            result = fn(*args)
+            best = min(best, time.process_time() - started)
+        finally:
+            gc.enable()
+    return result, best
 
 
 # --- bounded and linear ------------------------------------------------------------------
@@ -103,11 +115,12 @@ def test_a_notebook_with_a_huge_cell_builds_every_program_in_well_under_a_second
     (a 3,000-statement cell once took 91 s to grade; 10,000 killed the whole batch)."""
     path = tmp_path / "00_huge.ipynb"
     path.write_text(json.dumps(_with_cell("".join(f"x = {i % 10}\n" for i in range(10_000)))), encoding="utf-8")
-    started = time.process_time()
-    nb = extract.load_notebook(path)
-    extract.audit(nb)
-    programs = _programs(nb)
-    seconds = time.process_time() - started
+    def build():
+        nb = extract.load_notebook(path)
+        extract.audit(nb)
+        return _programs(nb)
+
+    programs, seconds = _cpu(build)
     assert seconds < 2.0, f"{seconds:.2f} s CPU to read, audit and build 4 programs"  # about 0.5 s
     for q, prog in programs.items():
         assert prog.answer_found and not prog.hatches, q
