@@ -47,10 +47,10 @@ def write_crafted(folder: Path, solution: Path, variants: dict, name: str) -> di
 
 # Every Submission graded in this test session, under (file name, sha-256 of its bytes, timeout).
 # The chapters' grading tests and test_check_agreement grade the same crafted notebooks; pytest
-# runs the agreement last (conftest.py), so it reuses these grades instead of grading again. Only
+# runs the agreement last (the root conftest.py), so it reuses these grades instead of grading again. Only
 # results are shared: the tests that time grading time their own, real, run. Under pytest-xdist
 # the grading tests may have run in the other worker, so each grade is also pickled into the
-# folder conftest.py names in TLCOURSE_TEST_GRADES (one file per key, written whole, then renamed).
+# folder the root conftest.py names in TLCOURSE_TEST_GRADES (one file per key, written whole, then renamed).
 _GRADED: dict[tuple[str, str, float], grader.Submission] = {}
 
 

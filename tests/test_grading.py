@@ -582,3 +582,32 @@ def test_notebooks_are_parsed_one_thread_at_a_time(monkeypatch):
     for t in threads:
         t.join()
     assert most[0] == 1
+
+
+def test_grades_are_shared_between_test_processes(tmp_path, monkeypatch):
+    """grading_support.grade_once reuses a grade made in another pytest-xdist worker (through the
+    folder TLCOURSE_TEST_GRADES) and grades again what changed."""
+    import grading_support
+
+    (tmp_path / "grades").mkdir()
+    monkeypatch.setenv("TLCOURSE_TEST_GRADES", str(tmp_path / "grades"))
+    calls = []
+
+    def grade(paths, timeout, jobs):
+        calls.append([Path(p).name for p in paths])
+        return [grader.Submission(path=str(p), chapter="00", seconds=float(len(calls))) for p in paths]
+
+    monkeypatch.setattr(grading_support.grader, "grade", grade)
+    a, b = tmp_path / "a.ipynb", tmp_path / "b.ipynb"
+    a.write_text('{"cells": []}')
+    b.write_text('{"cells": [], "other": 1}')
+    monkeypatch.setattr(grading_support, "_GRADED", {})
+    first = grading_support.grade_once([a], 5.0)
+    monkeypatch.setattr(grading_support, "_GRADED", {})           # another worker: nothing in memory
+    again = grading_support.grade_once([a, b], 5.0)
+    assert calls == [["a.ipynb"], ["b.ipynb"]] and again[0] == first[0]
+    grading_support.grade_once([a], 9.0)                            # another timeout is another grade
+    a.write_text('{"cells": [], "changed": 1}')                     # and so are other bytes
+    grading_support.grade_once([a], 5.0)
+    assert calls[2:] == [["a.ipynb"], ["a.ipynb"]]
+    assert not list((tmp_path / "grades").glob("*.pickle.*"))       # no half-written file left behind

@@ -90,7 +90,7 @@ def _parallel(py: Path, rest: list[str]) -> list[str]:
     cores, 1.12x on a ResNet-18 training step and about 2x on the small operations and
     subprocess start-ups that most of ``tests/`` spends its time on. ``--dist loadscope`` keeps a
     notebook's cells in one kernel, as nbval needs; ``--no-loadscope-reorder`` keeps the order
-    ``tests/conftest.py`` gives (the longest notebooks first, so that both processes finish
+    the repository's ``conftest.py`` gives (the longest notebooks first, so that both processes finish
     together).
     """
     chosen = any(a in ("-n", "--numprocesses", "--dist", "no:xdist", "-pno:xdist")
