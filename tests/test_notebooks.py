@@ -92,8 +92,12 @@ def test_test_command_runs_two_processes_unless_told_otherwise(monkeypatch):
     monkeypatch.delenv("TLCOURSE_TEST_WORKERS", raising=False)
     monkeypatch.setattr(bootstrap.os, "cpu_count", lambda: 2)
     assert bootstrap._parallel(py, []) == ["-n", "2", "--dist", "loadscope", "--no-loadscope-reorder"]
-    for chosen in (["-n", "4"], ["-n4"], ["-nauto"], ["--numprocesses=3"], ["-p", "no:xdist"], ["--dist", "loadfile"]):
+    for chosen in (["-n", "4"], ["-n4"], ["-nauto"], ["--numprocesses=3"], ["-p", "no:xdist"], ["--dist", "loadfile"],
+                   ["--pdb"], ["--trace"], ["-s"]):
         assert bootstrap._parallel(py, ["-x", *chosen]) == [], chosen
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:xdist")
+    assert bootstrap._parallel(py, []) == []
+    monkeypatch.delenv("PYTEST_ADDOPTS")
     assert bootstrap._parallel(py, ["--nbval-lax", "-k", "data"])[:2] == ["-n", "2"]
     monkeypatch.setenv("TLCOURSE_TEST_WORKERS", "0")
     assert bootstrap._parallel(py, []) == []

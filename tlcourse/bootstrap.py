@@ -83,8 +83,9 @@ def _default_data_dir() -> None:
 
 def _parallel(py: Path, rest: list[str]) -> list[str]:
     """pytest-xdist's options for the test command: ``TLCOURSE_TEST_WORKERS`` processes (default 2
-    where there are 2 or more cores; 0 runs everything in one process), unless ``rest`` already
-    chooses (``-n``, ``--dist``, ``-p no:xdist``).
+    where there are 2 or more cores; 0 runs everything in one process), unless ``rest`` or
+    ``PYTEST_ADDOPTS`` already chooses (``-n``, ``--dist``, ``-p no:xdist``) or asks for what needs
+    one process: a debugger (``--pdb``, ``--trace``) or uncaptured output (``-s``).
 
     Two single-threaded processes side by side do more than one with two threads: measured on 2
     cores, 1.12x on a ResNet-18 training step and about 2x on the small operations and
@@ -93,9 +94,11 @@ def _parallel(py: Path, rest: list[str]) -> list[str]:
     the repository's ``conftest.py`` gives (the longest notebooks first, so that both processes finish
     together).
     """
-    chosen = any(a in ("-n", "--numprocesses", "--dist", "no:xdist", "-pno:xdist")
+    given = [*rest, *os.environ.get("PYTEST_ADDOPTS", "").split()]
+    chosen = any(a in ("-n", "--numprocesses", "--dist", "no:xdist", "-pno:xdist", "--pdb", "--trace", "-s",
+                       "--capture=no")
                  or a.startswith(("--numprocesses=", "--dist=")) or (a.startswith("-n") and a[2:].isalnum())
-                 for a in rest)
+                 for a in given)
     workers = os.environ.get("TLCOURSE_TEST_WORKERS", "2" if (os.cpu_count() or 1) >= 2 else "0")
     if chosen or workers in ("0", "1"):
         return []
