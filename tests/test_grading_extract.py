@@ -115,6 +115,7 @@ def test_a_notebook_with_a_huge_cell_builds_every_program_in_well_under_a_second
     (a 3,000-statement cell once took 91 s to grade; 10,000 killed the whole batch)."""
     path = tmp_path / "00_huge.ipynb"
     path.write_text(json.dumps(_with_cell("".join(f"x = {i % 10}\n" for i in range(10_000)))), encoding="utf-8")
+
     def build():
         nb = extract.load_notebook(path)
         extract.audit(nb)
