@@ -25,10 +25,10 @@ NOTEBOOK_SECONDS = {
     "05_multitask_learning.ipynb": 480,
     "04_distillation_keras.ipynb": 400,
     "03_domain_adaptation.ipynb": 370,
-    "04_distillation.ipynb": 330,
+    "04_distillation.ipynb": 250,
     "02_fine_tuning_keras.ipynb": 240,
     "02_fine_tuning.ipynb": 210,
-    "01_feature_extraction.ipynb": 120,
+    "01_feature_extraction.ipynb": 160,
 }
 
 
