@@ -9,7 +9,8 @@ The pieces, each a few lines so the notebook can show them whole:
 - :func:`mmd_loss`, multi-kernel maximum mean discrepancy (Gretton et al. 2012, JMLR and NIPS;
   used for deep adaptation by Long et al. 2015, "DAN");
 - :func:`adabn`, re-estimate BatchNorm statistics on the target (Li et al. 2018, "AdaBN");
-- :func:`pseudo_labels`, confident target predictions for self-training (Lee 2013);
+- :func:`pseudo_labels`, confident target predictions for self-training (pseudo-labels: Lee 2013,
+  who kept every prediction; the confidence threshold as in FixMatch, Sohn et al. 2020);
 - :class:`DigitNet`, a LeNet-style CNN with BatchNorm, split into ``features`` and ``head``;
 - :func:`train_adapt`, one explicit loop that takes a source set, an unlabelled target set and
   a method name from :data:`METHODS`; :func:`benchmark` runs methods × seeds into a table.
