@@ -66,13 +66,14 @@ FRAME_FORGERY = (
 
 CASES = {
     # name: (notebook dict or raw text, {question: expected score}, text expected in a message)
-    "loop_in_function": (lambda: _with_answer("q1", "def topk_predictions(logits, k=5):\n    while True:\n        pass\n"),
+    "loop_in_function": (lambda: _with_answer("q1", "def topk_predictions(logits, k=5):\n    print('in the loop', k)\n"
+                                                    "    while True:\n        pass\n"),
                          {"q1": 0, "q2": 3, "q3": 3, "q4": 4}, "took too long"),
     "loop_swallowing_timeout": (lambda: _with_answer("q2", (
         "def count_parameters(model, trainable_only=False):\n    while True:\n        try:\n"
         "            while True: pass\n        except BaseException:\n            pass\n")),
         {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "took too long"),
-    "loop_at_top_level": (lambda: _with_answer("q3", "while True:\n    pass\n"),
+    "loop_at_top_level": (lambda: _with_answer("q3", "print('before the loop')\nwhile True:\n    pass\n"),
                           {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "took too long"),
     "raises": (lambda: _with_answer("q1", "def topk_predictions(logits, k=5):\n    x = logits.softmax(dim=1)\n"
                                     "    return x.topk(k, dim=7)\n"),
@@ -249,6 +250,14 @@ def test_short_prints_reach_the_feedback(graded):
     assert "debug: k = 3" in q1.output, q1.output
     assert "Your code printed:\ndebug: k = 3" in json.dumps(grader.gradescope(graded["small_prints"]),
                                                          ensure_ascii=False).replace("\\n", "\n")
+
+
+def test_output_before_a_hang_is_shown(graded):
+    """What the code printed before it was stopped for time is the learner's best clue."""
+    [q1] = [q for q in graded["loop_in_function"].questions if q.id == "q1"]
+    assert "in the loop 3" in q1.output, grader.details(graded["loop_in_function"])
+    [q3] = [q for q in graded["loop_at_top_level"].questions if q.id == "q3"]
+    assert "before the loop" in q3.output, grader.details(graded["loop_at_top_level"])
 
 
 def test_statements_are_sliced_exactly():
@@ -431,6 +440,8 @@ def test_hidden_inputs_never_reach_visible_feedback(tmp_path):
     spy = _with_answer("q2", "SEEN = []\ndef count_parameters(model, trainable_only=False):\n"
                               "    SEEN.append([tuple(p.shape) for p in model.parameters()])\n"
                               "    print('seen so far:', SEEN)\n"
+                              "    if (567, 1234) in SEEN[-1]:  # a hang: what it printed must stay hidden too\n"
+                              "        while True:\n            pass\n"
                               "    raise ValueError(f'seen so far: {SEEN}')\n")
     path = tmp_path / "00_spy.ipynb"
     path.write_text(json.dumps(spy), encoding="utf-8")

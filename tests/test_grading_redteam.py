@@ -709,10 +709,11 @@ ATTACKS = [
            build="big_file", ran=None, error="must"),
     Attack("memory_bomb", "q2", """
         Asks for 20 GB at once (``bytearray``, ``torch.ones``, ``numpy.ones``), then 20 blocks of
-        1 GB (the first touched page by page), and asks again from ``count_parameters``. The
+        1 GB (256 MB of the first touched page by page), and asks again from ``count_parameters``. The
         question's address-space limit (4 GB by default) refuses the 20 GB and stops the blocks
-        after a few; the machine and the batch go on. (Only one block is touched, so a missing
-        limit shows as "NOT STOPPED" and a failed test, not as a machine out of memory.)""", _src(r'''
+        after a few; the machine and the batch go on. (Only part of one block is touched, so a
+        missing limit shows as "NOT STOPPED" and a failed test, not as a machine out of memory;
+        touching all of it took 3 s alone and over 10 s beside other tests.)""", _src(r'''
         import numpy as np, torch
         print("ATTACK RAN", T["tag"], flush=True)
         _hog = []
@@ -726,10 +727,10 @@ ATTACKS = [
                     print("refused:", type(exc).__name__, flush=True)
             blocks = 0
             try:
-                while blocks < 20:  # 20 x 1 GB; the first touched page by page (real memory)
+                while blocks < 20:  # 20 x 1 GB; 256 MB of the first touched page by page (real memory)
                     block = np.empty(1 << 30, dtype=np.uint8)
                     if blocks == 0:
-                        block[::4096] = 1
+                        block[: 256 << 20 : 4096] = 1
                     _hog.append(block)
                     blocks += 1
                 print("NOT STOPPED: holds", blocks, "GB", flush=True)
@@ -742,14 +743,29 @@ ATTACKS = [
             _hog.append(torch.empty(5 << 30))
             return -1
         '''), shows="stopped after"),
+    Attack("swaps_its_output_file", "q3", """
+        Replaces the file its output goes to with a named pipe that it holds open, then sleeps
+        past the question's time. After a question stops, the sandbox reads what was printed
+        last from that file: a pipe (or a link, or a device) must be skipped, not block the
+        sandbox or the batch.""", _src(r'''
+        import os, time
+        print("ATTACK RAN", T["tag"], flush=True)
+        os.unlink(".output")
+        os.mkfifo(".output")
+        _pipe = os.open(".output", os.O_RDWR)
+        time.sleep(60)
+
+        def normalize(images, mean, std):
+            return images
+        '''), ran=None),
     Attack("fork_bomb", "q4", """
-        Forks up to 200 processes (kept small), each leaving the process group with ``setsid``
+        Forks up to 100 processes (kept small: 26 ms a fork), each leaving the process group with ``setsid``
         and sleeping 20 s. The per-question process limit and the kill after the question end
         them; the batch finishes in bounded time.""", _src(r'''
         import os, time
         print("ATTACK RAN", T["tag"], flush=True)
         _kids = 0
-        for _i in range(200):
+        for _i in range(100):
             try:
                 _pid = os.fork()
             except OSError as exc:

@@ -80,17 +80,19 @@ class Worker:
             raise WorkerFailed("the sandbox did not start the job")
         return mine
 
-    def end(self) -> str:
-        """End the current job: the zygote kills what is left of it; its exit status."""
+    def end(self, unread_from: int = 0) -> tuple[str, str]:
+        """End the current job: the zygote kills what is left of it. Its exit status, and what
+        it printed from byte ``unread_from`` of its output on."""
         try:
-            self.ctl.sendall(b'{"kind": "end"}\n')
+            self.ctl.sendall((json.dumps({"kind": "end", "unread_from": unread_from}) + "\n").encode())
             msg = self._recv(30)
         except OSError:
             msg = None
         if not msg or msg.get("kind") != "ended":
             self.start()
-            return "the sandbox was restarted"
-        return str(msg.get("status", ""))[:100]
+            return "the sandbox was restarted", ""
+        out = msg.get("out")
+        return str(msg.get("status", ""))[:100], out if isinstance(out, str) else ""
 
     def _recv(self, timeout: float):
         import select
@@ -105,7 +107,7 @@ class Worker:
                 chunk = self.ctl.recv(1 << 16)
             except OSError:
                 return None
-            if not chunk or len(buf) > 1 << 16:
+            if not chunk or len(buf) > 1 << 18:
                 return None
             buf += chunk
         try:
@@ -216,11 +218,14 @@ def run_job(job: dict, worker: Worker) -> dict:
     sock = worker.begin({"memory_mb": job.get("memory_mb"), "cpu_seconds": timeout + 2})
     session = wire.Session(sock, "c", HANDLERS, deadline=lambda: deadline)
     stop = None  # why the remaining tests cannot run
+    bucket = "visible"  # where what the learner's code prints now belongs
     try:
         try:
             wire.send_frame(sock, {"kind": "program", "snippets": job["snippets"], "names": names}, [])
             ready, _ = wire.recv_frame(sock, deadline)
-            keep("visible", [str(ready.get("out", ""))])
+            session.take_output(ready)
+            keep("visible", session.output)
+            session.output.clear()
             errors = [str(e)[: runtime.MAX_MESSAGE] for e in ready.get("errors", [])][:5]
             defined = ready.get("names") if isinstance(ready.get("names"), dict) else {}
         except wire.Timeout:
@@ -257,7 +262,10 @@ def run_job(job: dict, worker: Worker) -> dict:
         except BaseException:  # noqa: BLE001 - already gone
             pass
         sock.close()
-        exit_status = worker.end()
+        # What the code printed after its last reply: before an endless loop or a crash, the
+        # most useful output of all.
+        exit_status, unread = worker.end(session.output_read)
+        keep(bucket, [unread])
     out = []
     for test in mine:
         passed, message = results.get(test.name, (False, "not run"))

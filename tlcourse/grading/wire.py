@@ -153,6 +153,7 @@ class Session:
         self.objects: dict[str, object] = {}   # id -> object (own, or a mirror of the other side's)
         self.ids: dict[int, str] = {}          # id(object) -> id
         self.output: list[str] = []            # learner output carried in replies (checker side)
+        self.output_read = 0                   # bytes of the worker's output file carried so far
         self.graphs: dict[str, list] = {}      # checker: tensor id -> the leaves sent with it
         self._n = 0
         self._req = 0
@@ -181,13 +182,19 @@ class Session:
         send_frame(self.sock, dict(header, rid=rid), list(blobs))
         while True:
             msg, got = recv_frame(self.sock, self.deadline() if self.deadline else None)
-            if "out" in msg and isinstance(msg["out"], str):
-                self.output.append(msg["out"])
+            self.take_output(msg)
             if msg.get("reply") == rid:
                 return msg, got
             if "reply" in msg:
                 raise WireError("a reply to a request that was not made")
             self.serve_one(msg, got)
+
+    def take_output(self, msg: dict) -> None:
+        """Checker side: keep the learner output a worker message carries."""
+        if isinstance(msg.get("out"), str):
+            self.output.append(msg["out"])
+        if type(msg.get("out_read")) is int:
+            self.output_read = msg["out_read"]
 
     def serve_one(self, msg: dict, blobs: list[bytes]) -> None:
         handler = self.handlers.get(msg.get("kind"))
@@ -205,6 +212,7 @@ class Session:
         new_output = getattr(self, "new_output", None)
         if new_output is not None:  # the worker: what the learner's code printed meanwhile
             reply["out"] = new_output()
+            reply["out_read"] = self.output_position()
         send_frame(self.sock, dict(reply, reply=msg.get("rid")), out_blobs)
 
 

@@ -8,11 +8,13 @@ sandbox (imports torch, ~2 s) and forks one child per (notebook, question):
   checker's requests on its own socket: call a learner function with these arguments
   (:mod:`tlcourse.grading.wire` decodes them), the vector-Jacobian product of an earlier
   call, close. Everything it prints goes to a file in its private temporary directory and
-  travels with its replies, capped;
+  travels with its replies, capped; each reply also says how far the file has been read;
 - the zygote takes jobs on a control socket (the data socket arrives with the job, as a
   file descriptor), and after each job kills whatever the child left running — in a PID
   namespace every process but itself (``kill(-1)``), otherwise the child's process group —
-  and empties the temporary directories, so nothing of one submission meets the next.
+  sends back what the child printed after its last reply (a question stopped for time or a
+  crash still shows what it printed), and empties the temporary directories, so nothing of
+  one submission meets the next.
 
 The zygote marks itself non-dumpable, so a child (same uid) cannot ptrace it or write its
 memory. Started by :mod:`tlcourse.grading.isolation`, never imported by the grader.
@@ -27,11 +29,13 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
 
 OUTPUT_CHUNK = 64 << 10  # bytes of printed output carried by one reply
+UNREAD_CHUNK = 8 << 10  # bytes of output sent back after a job (more than the grader keeps)
 
 
 def main() -> None:
@@ -57,11 +61,14 @@ def main() -> None:
                 os.close(fd)
             continue
         workdir = tempfile.mkdtemp(prefix="job-")
+        # The folder itself, not its name: the child may rename it or put a link in its place.
+        workdir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 control.close()
+                os.close(workdir_fd)
                 _child(msg, fds[0], workdir)
                 code = 0
             finally:
@@ -69,13 +76,17 @@ def main() -> None:
         os.close(fds[0])
         _send_json(control, {"kind": "started", "pid": pid})
         end, _ = _recv_json(control)  # the checker says when the job is over
-        status = _finish(pid, pid_namespace, workdir)
+        status = _kill_job(pid, pid_namespace)
+        unread = _unread_output(workdir_fd, (end or {}).get("unread_from"))
+        os.close(workdir_fd)
+        _clean_up(workdir, pid_namespace)
         if end is None:
             return
-        _send_json(control, {"kind": "ended", "status": status})
+        _send_json(control, {"kind": "ended", "status": status, "out": unread})
 
 
-def _finish(pid: int, pid_namespace: bool, workdir: str) -> str:
+def _kill_job(pid: int, pid_namespace: bool) -> str:
+    """Kill what is left of a job; how its child ended."""
     status = "still running"
     try:
         done, code = os.waitpid(pid, os.WNOHANG)
@@ -102,11 +113,36 @@ def _finish(pid: int, pid_namespace: bool, workdir: str) -> str:
             break
         if reaped == pid and status == "still running":
             status = "killed: it was still running"
+    return status
+
+
+def _unread_output(workdir_fd: int, offset) -> str:
+    """What the job printed from byte ``offset`` of its output file on (at most 8 KB).
+
+    Its processes are dead, so the file no longer changes. The child wrote it and may have
+    replaced it: only a regular file is read (never a link, a pipe that would block, or a
+    device), and never more than 8 KB."""
+    if type(offset) is not int or offset < 0:
+        return ""
+    try:
+        fd = os.open(".output", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=workdir_fd)
+    except OSError:
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return os.pread(fd, UNREAD_CHUNK, offset).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+
+
+def _clean_up(workdir: str, pid_namespace: bool) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     if pid_namespace:
         for folder in ("/tmp", "/dev/shm", "/var/tmp"):
             _empty(folder)
-    return status
 
 
 def _empty(folder: str) -> None:
@@ -176,6 +212,8 @@ def _child(job: dict, data_fd: int, workdir: str) -> None:
     os.dup2(out_fd, 2)
     os.close(out_fd)
     reader = open(out_path, "rb")  # noqa: SIM115 - read as the learner writes
+    # A line printed just before an endless loop or a crash must reach the file to be shown.
+    sys.stdout.reconfigure(line_buffering=True)
     sock = socket.socket(fileno=data_fd)
     from tlcourse.grading import wire
 
@@ -195,6 +233,7 @@ def _child(job: dict, data_fd: int, workdir: str) -> None:
     session.namespace = ns
     session.calls = {}
     session.new_output = new_output
+    session.output_position = reader.tell  # bytes of the file sent to the checker so far
     errors = []
     cells: dict[str, list[str]] = {}  # several snippets of one cell: their lines together
     for snip in program.get("snippets", []):
@@ -219,7 +258,9 @@ def _child(job: dict, data_fd: int, workdir: str) -> None:
     for name in program.get("names", []):
         if name in ns:
             names[name] = "callable" if callable(ns[name]) else "value"
-    wire.send_frame(sock, {"kind": "ready", "names": names, "errors": errors, "out": new_output()}, [])
+    out = new_output()
+    wire.send_frame(sock, {"kind": "ready", "names": names, "errors": errors, "out": out,
+                           "out_read": reader.tell()}, [])
     while True:
         msg, blobs = wire.recv_frame(sock, None)
         if msg.get("kind") == "close":
