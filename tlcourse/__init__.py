@@ -13,6 +13,9 @@ The notebooks tell the story; these small modules keep the code they share:
 - :mod:`tlcourse.adapt`    domain adaptation: DANN, CORAL, MMD, AdaBN, self-training, benchmark (chapter 03)
 - :mod:`tlcourse.distill`  knowledge distillation: KD loss with temperature, hints, the loop (chapter 04)
 - :mod:`tlcourse.multitask` overlapping digits, shared backbone + heads, uncertainty weighting, PCGrad (chapter 05)
+- :mod:`tlcourse.efficient` LoRA (through peft), BitFit: train a sliver, save kilobytes (chapter 06)
+- :mod:`tlcourse.robust`   LP-FT's start, WiSE-FT interpolation, model soups, Tent (chapter 06)
+- :mod:`tlcourse.shift`    ImageNet-C-style corruptions of any image batch, by severity and seed (chapter 06)
 - :mod:`tlcourse.viz`      learning curves and image grids
 - :mod:`tlcourse.notebooks` headless notebook execution, Colab badges and setup cells
 - :mod:`tlcourse.cli`      the ``tlcourse`` command
