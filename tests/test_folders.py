@@ -106,3 +106,44 @@ def test_finetune_command_end_to_end(call, tmp_path):
     assert model.exists()
     out = call("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--epochs", "0")
     assert out.returncode == 2 and "at least 1" in out.stderr
+
+
+def test_finetune_methods_save_what_they_trained_and_predict_loads_it(call, tmp_path):
+    """--method lora/bitfit save only what they trained (the rest is rebuilt from the pretrained
+    weights); every saved model loads in `predict --model` and gives the trained model's answers."""
+    import torch
+
+    from tlcourse import models
+
+    make_folder(tmp_path / "train", n=8)
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "new_red.png")
+    sizes = {}
+    for method, extra in (("full", []), ("lora", ["--rank", "2"]), ("bitfit", []), ("lp-ft", [])):
+        path = tmp_path / f"{method}.pt"
+        out = call("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--image-size", "64", "--epochs", "1",
+                   "--batch-size", "6", "--method", method, *extra, "--json", "--out", str(path))
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["saved_bytes"] == path.stat().st_size
+        sizes[method] = (summary["saved_bytes"], summary["trainable_parameters"])
+        model, classes, transform = models.load_classifier(path)
+        assert type(model).__name__ == "EfficientNet" and classes == ["blue", "red"]  # LoRA comes back merged
+        assert not any("lora" in n for n, _ in model.named_parameters())
+        out = call("predict", "--model", str(path), str(tmp_path / "new_red.png"), "--top", "2", "--json")
+        assert out.returncode == 0, out.stderr
+        with torch.no_grad():
+            p = model(transform(Image.open(tmp_path / "new_red.png").convert("RGB"))[None]).softmax(1)[0]
+        answer = json.loads(out.stdout)[str(tmp_path / "new_red.png")][0]
+        assert answer["class"] == classes[int(p.argmax())]
+    full_bytes, full_trained = sizes["full"]
+    assert sizes["lp-ft"][1] == full_trained
+    assert sizes["lora"][1] < 0.02 * full_trained and sizes["lora"][0] * 20 < full_bytes
+    assert sizes["bitfit"][1] < 0.02 * full_trained and sizes["bitfit"][0] * 20 < full_bytes
+
+
+def test_finetune_method_and_blocks_must_agree(call, tmp_path):
+    make_folder(tmp_path / "train", n=4)
+    out = call("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--method", "last-k")
+    assert out.returncode == 2 and "--blocks K" in out.stderr
+    out = call("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--method", "full", "--blocks", "2")
+    assert out.returncode == 2 and "--method last-k" in out.stderr

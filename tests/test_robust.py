@@ -142,3 +142,18 @@ def test_tent_parameters_are_every_bn_affine():
     model = _tiny()
     params = robust.tent_parameters(model)
     assert len(params) == 2 * len(finetune.batchnorm_layers(model))
+
+
+def test_tent_and_adabn_adapt_a_model_whose_batchnorm_was_kept_in_eval_mode():
+    # A fine-tuned model from chapter 02's recipe keeps BN in eval mode (keep_batchnorm_eval);
+    # test-time adaptation must still switch BN to batch statistics, not run with reset ones.
+    from tlcourse import adapt
+
+    model, xt, yt = _shifted_task()
+    kept = finetune.keep_batchnorm_eval(copy.deepcopy(model))
+    plain = robust.accuracy(robust.Tent(model, lr=1e-2), xt, yt, batch_size=64)
+    assert robust.accuracy(robust.Tent(kept, lr=1e-2), xt, yt, batch_size=64) == plain
+    adapted_plain = adapt.adabn(copy.deepcopy(model), xt)
+    adapted_kept = adapt.adabn(copy.deepcopy(kept), xt)
+    assert torch.allclose(adapted_kept[1].running_mean, adapted_plain[1].running_mean)
+    assert robust.accuracy(adapted_kept, xt, yt) > 0.7

@@ -157,7 +157,10 @@ def adabn(model: nn.Module, target: torch.Tensor, batch_size: int = 256) -> nn.M
         m.momentum = None  # None = cumulative average over all batches, not an EMA
     model.eval()
     for m in bns:
-        m.train()  # only BN in train mode: dropout etc. stay off
+        # Only BN in train mode (dropout etc. stay off). nn.Module.train, not m.train(): a BN
+        # kept in eval mode by finetune.keep_batchnorm_eval ignores m.train(), and would then
+        # normalise with the freshly reset statistics.
+        nn.Module.train(m, True)
     device = next(model.parameters()).device
     bounds = list(range(0, len(target), batch_size)) + [len(target)]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:

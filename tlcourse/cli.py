@@ -193,7 +193,8 @@ def _report(summary: dict, as_json: bool) -> None:
     print(f"  {'all':<20} {summary['val_images']:>10} {summary['accuracy']:>9.3f}")
     print(f"  {summary['seconds']:.1f} s in all, {summary['images_per_second']:.1f} images/s through the network")
     if summary.get("saved"):
-        print(f"  saved to {summary['saved']}  (use: tlcourse predict --model {summary['saved']} IMAGE...)")
+        size = f" ({summary['saved_bytes'] / 1e6:.2f} MB)" if "saved_bytes" in summary else ""
+        print(f"  saved to {summary['saved']}{size}  (use: tlcourse predict --model {summary['saved']} IMAGE...)")
 
 
 def _cmd_probe(args) -> int:
@@ -256,9 +257,12 @@ def _cmd_finetune(args) -> int:
     generator = env.seed_everything(args.seed)
     train_loader = train.make_loader(train_set, args.batch_size, shuffle=True, device=device, generator=generator)
     val_loader = train.make_loader(val_set, 64, device=device)
-    blocks = None if args.blocks == "all" else int(args.blocks)
-    strategy = finetune.Strategy(name="fine-tune all" if blocks is None else f"fine-tune last {blocks} group(s)", blocks=blocks,
-                                 lr=args.lr, layer_decay=args.layer_decay, epochs=args.epochs)
+    method = args.method or ("full" if args.blocks == "all" else "last-k")
+    try:
+        strategy, lora = _finetune_strategy(method, args, train_set, device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     result = finetune.run_strategy(lambda: models.efficientnet_lite0(num_classes=len(data.classes)), strategy,
                                    train_loader, val_loader, device=device, seed=args.seed, progress=not args.json)
     logits, labels = train.predict(result.model.to(device), val_loader, device)
@@ -274,11 +278,48 @@ def _cmd_finetune(args) -> int:
         "images_per_second": len(train_set) * args.epochs / result.seconds,
     }
     if args.out:
-        summary["saved"] = str(models.save_classifier(args.out, result.model, data.classes, args.image_size,
-                                                      method=strategy.name, accuracy=summary["accuracy"]))
+        # Full fine-tuning changed every weight; the other methods save what they trained (with
+        # BatchNorm kept in eval mode nothing else moved) and load on top of the pretrained weights.
+        saved = models.save_classifier(args.out, result.model, data.classes, args.image_size,
+                                       trained_only=method not in ("full", "lp-ft"), lora=lora,
+                                       method=strategy.name, accuracy=summary["accuracy"])
+        summary["saved"], summary["saved_bytes"] = str(saved), saved.stat().st_size
     summary["seconds"] = time.perf_counter() - start
     _report(summary, args.json)
     return 0
+
+
+METHODS = ("full", "last-k", "lora", "bitfit", "lp-ft")
+
+
+def _finetune_strategy(method: str, args, train_set, device):
+    """The :class:`tlcourse.finetune.Strategy` of ``--method`` (and the LoRA settings to save)."""
+    from tlcourse import efficient, features, finetune, models, robust
+
+    common = {"lr": args.lr, "epochs": args.epochs}
+    if method == "full":
+        if args.blocks != "all":
+            raise ValueError("--method full trains every group; for the last K use --method last-k --blocks K")
+        return finetune.Strategy("fine-tune all", blocks=None, layer_decay=args.layer_decay, **common), None
+    if method == "last-k":
+        if args.blocks == "all":
+            raise ValueError("--method last-k needs --blocks K (the layer groups below the head to train)")
+        k = int(args.blocks)
+        return finetune.Strategy(f"fine-tune last {k} group(s)", blocks=k, layer_decay=args.layer_decay, **common), None
+    if method == "lora":
+        lora = {"rank": args.rank, "alpha": float(args.rank)}
+        return finetune.Strategy(f"LoRA rank {args.rank}", prepare=lambda m: efficient.add_lora(m, **lora), **common), lora
+    if method == "bitfit":
+        return finetune.Strategy("BitFit", prepare=efficient.select_bitfit, **common), None
+    # LP-FT: a logistic regression on the frozen features of the (centre-cropped) training
+    # images, then every weight fine-tuned from it.
+    mean, std = models.normalization(models.efficientnet_lite0(pretrained=False))
+    backbone = models.efficientnet_lite0()
+    backbone.reset_classifier(0)
+    x, y = features.extract_features(backbone, train_set.with_transform(finetune.eval_transform(args.image_size, mean, std)),
+                                     device=device, desc="probe features", progress=not args.json)
+    probe = features.linear_probe(x, y)
+    return finetune.Strategy("LP-FT", prepare=lambda m: finetune.unfreeze(robust.start_from_probe(m, probe)), **common), None
 
 
 def _cmd_run(args) -> int:
@@ -395,9 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "random-resized-crop + flip augmentation. Use a GPU for more than a few hundred images.")
     _add_folder_arguments(p)
     p.add_argument("--epochs", type=_positive_int, default=8, help="passes over the training images (default 8)")
+    p.add_argument("--method", choices=METHODS,
+                   help="what to train: full (every weight), last-k (head + --blocks groups), lora (low-rank "
+                        "adapters on the 1x1 convolutions + head), bitfit (BatchNorm scales/shifts + head), lp-ft "
+                        "(a linear probe first, then every weight); default: full, or last-k when --blocks is a number. "
+                        "lora and bitfit --out files hold only what they trained")
+    p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default 8; alpha = rank)")
     p.add_argument("--blocks", default="all", help="layer groups below the head to train: a number, or 'all' (default)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (default 1e-3)")
-    p.add_argument("--layer-decay", type=float, default=0.5, help="each earlier group's lr is this times the next (default 0.5)")
+    p.add_argument("--layer-decay", type=float, default=0.5, help="each earlier group's lr is this times the next "
+                                                                    "(default 0.5; full and last-k only)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per step (default 32)")
     p.set_defaults(func=_cmd_finetune)
 

@@ -445,6 +445,9 @@ class Strategy:
     ``gradual``: start from the head and unfreeze one more group per epoch instead;
     ``layer_decay``: discriminative learning rates (1.0 = one learning rate for all);
     ``bn_eval``: keep BatchNorm in eval mode; ``warmup``: fraction of steps warming up.
+    ``prepare``: instead of ``blocks``, a function that takes the new model and returns the
+    model to train with the right parameters trainable (LoRA, BitFit, LP-FT's probe head:
+    chapter 06); one learning rate for everything it leaves trainable.
     """
 
     name: str
@@ -456,6 +459,7 @@ class Strategy:
     epochs: int = 5
     warmup: float = 0.1
     weight_decay: float = 0.01
+    prepare: Callable[[nn.Module], nn.Module] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -477,7 +481,12 @@ def build_optimizer(model: nn.Module, strategy: Strategy, steps_per_epoch: int):
 
     Returns ``(optimizer, scheduler)``; the scheduler is stepped per batch by ``train.fit``.
     """
-    if strategy.gradual:
+    if strategy.prepare is not None:
+        if strategy.gradual or strategy.layer_decay != 1.0:
+            raise ValueError(f"{strategy.name}: a prepared model trains with one learning rate, "
+                             "without gradual unfreezing")
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": strategy.lr}]
+    elif strategy.gradual:
         unfreeze(model)  # every parameter goes into the optimizer; the unfreezer gates them
         groups = layerwise_param_groups(model, strategy.lr, strategy.layer_decay, trainable_only=False)
     else:
@@ -505,6 +514,8 @@ def run_strategy(make_model: Callable[[], nn.Module], strategy: Strategy, train_
     model = make_model()
     if strategy.bn_eval:
         keep_batchnorm_eval(model)
+    if strategy.prepare is not None:
+        model = strategy.prepare(model)
     before = batchnorm_state(model)
     optimizer, scheduler = build_optimizer(model, strategy, len(train_loader))
     start = time.perf_counter()

@@ -273,21 +273,34 @@ CLASSIFIER_FORMAT = "tlcourse-classifier/1"
 
 
 def save_classifier(path: str | Path, model: nn.Module, classes: Sequence[str], image_size: int = 224,
-                    arch: str = "efficientnet_lite0", **info) -> Path:
+                    arch: str = "efficientnet_lite0", trained_only: bool = False, lora: dict | None = None,
+                    **info) -> Path:
     """Save a trained classifier with what is needed to use it: architecture, class names,
     input size (the preprocessing follows from the architecture), plus any ``info``
     (e.g. validation accuracy). Written atomically: a crash never leaves a half file.
+
+    ``trained_only``: save only the tensors that trained (``requires_grad``) — a head, BitFit's
+    norms, LoRA's adapters and head — and rebuild the rest from the pretrained weights when
+    loading. Only right when nothing else changed, e.g. BatchNorm statistics kept in eval mode.
+    ``lora``: the ``rank``/``alpha``/``targets`` of a ``tlcourse.efficient.add_lora`` model.
     """
     import os
     import tempfile
 
     from tlcourse import __version__
 
+    if lora is not None and not trained_only:
+        raise ValueError("a LoRA model is saved with trained_only=True (its adapters and head)")
+    state = ({k: v for k, v in model.named_parameters() if v.requires_grad} if trained_only
+             else model.state_dict())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CLASSIFIER_FORMAT, "arch": arch, "classes": list(classes), "image_size": int(image_size),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "state_dict": {k: v.detach().cpu().clone() for k, v in state.items()},
                "tlcourse": __version__, "info": info}
+    if trained_only:
+        payload["base"] = "pretrained"  # the rest: the pretrained weights, which every install has
+        payload["lora"] = lora
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
         torch.save(payload, tmp)
     os.replace(tmp.name, path)
@@ -295,7 +308,8 @@ def save_classifier(path: str | Path, model: nn.Module, classes: Sequence[str], 
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, list[str], Callable]:
-    """Load what :func:`save_classifier` wrote: ``(model in eval mode, class names, transform)``."""
+    """Load what :func:`save_classifier` wrote: ``(model in eval mode, class names, transform)``.
+    A LoRA model comes back merged: a plain model of the original architecture."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No saved model at {path}; train one with `tlcourse probe ... --out {path.name}`.")
@@ -305,6 +319,23 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, list[str], Callable]:
         raise ValueError(f"{path} is not a model saved by tlcourse (or it is damaged): {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != CLASSIFIER_FORMAT:
         raise ValueError(f"{path} is not a model saved by tlcourse (format {CLASSIFIER_FORMAT}).")
-    model = create_model(payload["arch"], pretrained=False, num_classes=len(payload["classes"]))
-    model.load_state_dict(payload["state_dict"])
+    partial = payload.get("base") == "pretrained"
+    model = create_model(payload["arch"], pretrained=partial, num_classes=len(payload["classes"]))
+    if not partial:
+        model.load_state_dict(payload["state_dict"])
+    else:
+        from tlcourse import efficient
+
+        head = efficient.head_name(model)
+        if not any(k.startswith(f"{head}.") or f".{head}." in k for k in payload["state_dict"]):
+            raise ValueError(f"{path} holds no trained head: nothing to classify its classes with")
+        lora = payload.get("lora")
+        if lora:
+            model = efficient.add_lora(model, **lora)
+        unexpected = model.load_state_dict(payload["state_dict"], strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{path} holds tensors this architecture lacks (e.g. {unexpected[:3]}): "
+                             "it was saved from a different model")
+        if lora:
+            model = efficient.merge_lora(model)
     return model.eval(), list(payload["classes"]), preprocess(model, image_size=payload["image_size"])

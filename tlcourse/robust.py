@@ -132,7 +132,7 @@ class Tent:
         for p in self.model.parameters():
             p.requires_grad_(False)
         for bn in bns:
-            bn.train()
+            nn.Module.train(bn, True)  # even a BN kept in eval mode by finetune.keep_batchnorm_eval
             # Batch statistics always: not the source's running ones, and none stored.
             bn.track_running_stats = False
             bn.running_mean = bn.running_var = None
