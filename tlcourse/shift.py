@@ -61,7 +61,7 @@ def _jpeg(x: torch.Tensor, c: float, generator: torch.Generator) -> torch.Tensor
     for img in _to_uint8(x):  # through Pillow's encoder, as ImageNet-C was made
         buffer = io.BytesIO()
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=int(c))
-        out.append(torch.from_numpy(np.asarray(Image.open(buffer).convert("RGB"))).permute(2, 0, 1))
+        out.append(torch.from_numpy(np.array(Image.open(buffer).convert("RGB"))).permute(2, 0, 1))
     return torch.stack(out).float() / 255
 
 
