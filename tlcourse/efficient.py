@@ -4,8 +4,8 @@
   trainable low-rank update, ``W + (alpha / r) * B @ A`` with ``A`` ``[r, in]`` and ``B``
   ``[out, r]``; ``B`` starts at zero, so training starts from exactly the pretrained network.
   :func:`add_lora` wraps every pointwise (1x1) convolution of a timm EfficientNet by default;
-  :func:`merge_lora` folds the update into ``W`` for inference (no extra layers, no extra
-  latency); :func:`save_adapter` / :func:`load_adapter` keep only what was trained.
+  :func:`merge_lora` folds the update into ``W`` for inference (the original layers again,
+  nothing extra to run); :func:`save_adapter` / :func:`load_adapter` keep only what was trained.
 - **BitFit** (Ben Zaken et al. 2022): train only the bias terms. EfficientNet's convolutions
   have no bias (a BatchNorm follows each), so :func:`select_bitfit` trains BatchNorm's shift
   and scale, the biases that this architecture has, plus the new head.

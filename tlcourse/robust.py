@@ -5,10 +5,10 @@
   backbone during the first steps and distorts features that served other inputs well;
   a trained head does not. :func:`start_from_probe` puts a fitted probe (chapter 01's
   :func:`tlcourse.features.linear_probe`) into a model's head.
-- **WiSE-FT** (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): the weights
+- **WiSE-FT** (Wortsman et al. 2022a): the weights
   ``(1 - alpha) * theta_0 + alpha * theta_1`` between the starting point and the fine-tuned
   model; :func:`interpolate` builds them, :func:`wise_ft_curve` scores a sweep over alpha.
-  **Model soups** (Wortsman et al. 2022, "Model soups"): :func:`uniform_soup` averages
+  **Model soups** (Wortsman et al. 2022b): :func:`uniform_soup` averages
   several fine-tuned runs from the same start.
 - **Tent** (Wang et al. 2021): at test time, without labels, minimise the entropy of the
   predictions on each incoming batch by updating only BatchNorm's scales and shifts, with
@@ -116,9 +116,10 @@ class Tent:
     BatchNorm normalises with each batch's own statistics (as in training) and only its affine
     parameters change; every other layer, dropout included, stays in eval mode (the paper
     puts the whole model in train mode; for a timm EfficientNet that would also switch on
-    dropout and stochastic depth, noise the method does not need). ``episodic=True`` resets
-    the weights before every batch; otherwise they keep adapting along the stream, which can
-    drift towards confident wrong answers on long streams (the paper's caution).
+    dropout and stochastic depth, noise the method does not need). It returns the logits after
+    the update, one more forward pass per batch (the authors' code returns those of the pass
+    that adapts). ``episodic=True`` resets the weights before every batch; otherwise they keep
+    adapting along the stream, which can drift towards confident wrong answers on long streams.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, steps: int = 1, episodic: bool = False,

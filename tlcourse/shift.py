@@ -1,15 +1,16 @@
 """Distribution shift you can dial: ImageNet-C-style corruptions of any batch of images.
 
 Hendrycks & Dietterich (2019) built ImageNet-C by applying 15 corruptions at 5 severities to
-ImageNet's validation images. This module applies five of them to any ``uint8`` image batch,
-with their severity constants, so every chapter can ask the same question of a model: how
+ImageNet's validation images, and held out 4 more. This module applies four of the 15 and one
+held-out one (Gaussian blur) to any ``uint8`` image batch, with their severity constants, so every chapter can ask the same question of a model: how
 much accuracy is left when the test photos are noisier, blurrier, more compressed, flatter or
 brighter than the training ones?
 
 - ``gaussian_noise``: ``x + N(0, c^2)`` on ``[0, 1]`` pixels, ``c`` = 0.08 ... 0.38.
 - ``gaussian_blur``: a Gaussian of standard deviation ``c`` = 1 ... 6 pixels.
 - ``jpeg``: re-encoded at quality ``c`` = 25 ... 7.
-- ``contrast``: pixels pulled towards the image mean, ``(x - mean) * c + mean``, ``c`` = 0.4 ... 0.05.
+- ``contrast``: pixels pulled towards the image mean, ``(x - mean) * c + mean``, ``c`` = 0.4 ... 0.05
+  (one mean over all channels; ImageNet-C uses one per channel).
 - ``brightness``: ``c`` = 0.1 ... 0.5 added to the value channel of HSV, hue and saturation kept.
 
 The constants are ImageNet-C's, chosen for 224-pixel images: on smaller images a blur of
@@ -66,7 +67,9 @@ def _jpeg(x: torch.Tensor, c: float, generator: torch.Generator) -> torch.Tensor
 
 
 def _contrast(x: torch.Tensor, c: float, generator: torch.Generator) -> torch.Tensor:
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # over the whole image, all channels, as ImageNet-C
+    # One mean over the whole image and all channels: pixels are pulled towards a grey, so colour
+    # fades too. ImageNet-C takes one mean per channel, pulling towards the image's mean colour.
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return (x - mean) * c + mean
 
 
