@@ -25,7 +25,7 @@ NOTEBOOK_SECONDS = {
     "05_multitask_learning.ipynb": 480,
     "04_distillation_keras.ipynb": 400,
     "03_domain_adaptation.ipynb": 370,
-    "06_parameter_efficient_and_robust_fine_tuning.ipynb": 360,
+    "06_parameter_efficient_and_robust_fine_tuning.ipynb": 420,
     "04_distillation.ipynb": 250,
     "02_fine_tuning_keras.ipynb": 240,
     "02_fine_tuning.ipynb": 210,

