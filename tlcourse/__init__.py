@@ -16,6 +16,7 @@ The notebooks tell the story; these small modules keep the code they share:
 - :mod:`tlcourse.efficient` LoRA (through peft), BitFit: train a sliver, save kilobytes (chapter 06)
 - :mod:`tlcourse.robust`   LP-FT's start, WiSE-FT interpolation, model soups, Tent (chapter 06)
 - :mod:`tlcourse.shift`    ImageNet-C-style corruptions of any image batch, by severity and seed (chapter 06)
+- :mod:`tlcourse.text`     a pretrained sentence encoder offline, masked mean pooling, cached embeddings (chapter 07)
 - :mod:`tlcourse.viz`      learning curves and image grids
 - :mod:`tlcourse.notebooks` headless notebook execution, Colab badges and setup cells
 - :mod:`tlcourse.cli`      the ``tlcourse`` command

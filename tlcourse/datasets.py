@@ -2,10 +2,13 @@
 
 One registry, timm-style: :data:`DATASETS` maps a name to a frozen :class:`DatasetInfo`
 (what it is, where it comes from, how it lies on disk, its licence and citation), and
-:func:`register` adds one. Three kinds of dataset:
+:func:`register` adds one. Four kinds of dataset:
 
 - ``"archive"``: one archive downloaded (checksummed, atomic, retried: :mod:`tlcourse.download`)
   and unpacked into :func:`data_dir`; e.g. ``hymenoptera`` (ants vs bees).
+- ``"files"``: a few plain files, each downloaded and checked against its own SHA-256 (also
+  every time it is loaded: they are small), into :func:`data_dir`; e.g. ``banking77``
+  (:func:`banking77`, online-banking queries in 77 intents, for the text chapter).
 - ``"torchvision"``: delegated to a ``torchvision.datasets`` class, which downloads into
   ``data_dir()/<name>`` and checks each file's md5 itself; e.g. ``mnist``, ``cifar10``.
 - ``"bundled"``: shipped inside installed packages (scikit-learn, scikit-image), so always
@@ -26,14 +29,17 @@ with one subfolder per class and explains what is wrong when the layout is not r
 
 from __future__ import annotations
 
+import csv
 import difflib
 import hashlib
+import json
 import os
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 from urllib.parse import urlparse
 
 import numpy as np
@@ -43,7 +49,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from . import env
-from .download import DownloadError, download, extract
+from .download import DownloadError, download, extract, sha256sum
 
 __all__ = [
     "DatasetInfo",
@@ -64,6 +70,8 @@ __all__ = [
     "image_folder",
     "check_images",
     "hymenoptera",
+    "TextSplit",
+    "banking77",
     "torchvision_dataset",
     "digits",
     "photos",
@@ -74,7 +82,7 @@ __all__ = [
     "GREY_PHOTOS",
 ]
 
-KINDS = ("archive", "torchvision", "bundled")
+KINDS = ("archive", "files", "torchvision", "bundled")
 
 
 # ----------------------------------------------------------------------------- registry
@@ -90,17 +98,18 @@ class DatasetInfo:
     """
 
     name: str
-    kind: Literal["archive", "torchvision", "bundled"]
+    kind: Literal["archive", "files", "torchvision", "bundled"]
     description: str
     citation: str
     licence: str
-    urls: tuple[str, ...] = ()          # canonical first, then mirrors
+    urls: tuple[str, ...] = ()          # canonical first, then mirrors ("files": folder URLs ending in /)
     sha256: str | None = None           # of the downloaded archive ("archive" kind)
     folder: str | None = None           # where it lives under data_dir()
     layout: str | None = None           # e.g. "hymenoptera_data/{train,val}/{ants,bees}/*.jpg"
     archive_root: str | None = None     # the top folder inside the archive, if any
     files: int | None = None            # expected number of files in `folder` (cheap check)
     digest: str | None = None           # tree_digest(folder) of a good copy (full check)
+    checksums: tuple[tuple[str, str], ...] = ()  # "files" kind: (file name, sha256) of each file
     torchvision_class: str | None = None
     splits: tuple[str, ...] = ()
     split_arg: Literal["train", "split"] | None = None  # how the torchvision class takes a split
@@ -117,6 +126,9 @@ def register(info: DatasetInfo, overwrite: bool = False) -> DatasetInfo:
         raise ValueError(f"Dataset {info.name!r}: kind must be one of {KINDS}, not {info.kind!r}.")
     if info.kind == "archive" and not (info.urls and info.folder):
         raise ValueError(f"Dataset {info.name!r}: an archive dataset needs urls and a folder.")
+    if info.kind == "files" and not (info.urls and info.folder and info.checksums):
+        raise ValueError(f"Dataset {info.name!r}: a files dataset needs urls, a folder and "
+                         "the checksum of each file.")
     if info.kind == "torchvision" and not (info.torchvision_class and info.splits and info.split_arg):
         raise ValueError(f"Dataset {info.name!r}: a torchvision dataset needs its class, splits "
                          "and split_arg.")
@@ -187,6 +199,8 @@ def _unavailable_message(info: DatasetInfo, path: Path, reason: str) -> str:
     if info.kind == "archive":
         how = (f"Download {info.urls[0]} yourself and unpack it into {root} so that "
                f"{root / info.layout} exists")
+    elif info.kind == "files":
+        how = f"Download {', '.join(_file_urls(info, info.urls[0]))} yourself into {path}"
     else:
         how = (f"Let torchvision download it on a machine that is online, or fetch "
                f"{', '.join(info.urls)} yourself and place the files as {root / info.layout}")
@@ -263,6 +277,9 @@ def locate(name: str, download: bool = True) -> Path:
                          f"folder; load it with tlcourse.datasets.{name}().")
     path = data_dir() / info.folder
     if path.is_dir():
+        problem = _files_problem(info, path) if info.kind == "files" else None
+        if problem:
+            raise DatasetCorrupt(info, path, f"{problem}; `tlcourse data fetch {name}` replaces it")
         if info.kind == "archive" and info.files is not None:
             n = len(_tree_files(path))
             if n != info.files:
@@ -296,10 +313,13 @@ def _download(info: DatasetInfo, overwrite: bool = False) -> Path:
         for split in info.splits:
             torchvision_dataset(info.name, split, download=True)
         return data_dir() / info.folder
+    if info.kind == "files":
+        return _download_files(info, overwrite=overwrite)
     return _download_archive(info, overwrite=overwrite)
 
 
-def _download_archive(info: DatasetInfo, overwrite: bool = False) -> Path:
+def _writable_root(info: DatasetInfo) -> tuple[Path, Path]:
+    """(data folder, the dataset's folder in it), once the data folder exists and is writable."""
     root = data_dir()
     dest = root / info.folder
     try:
@@ -309,7 +329,15 @@ def _download_archive(info: DatasetInfo, overwrite: bool = False) -> Path:
     if not os.access(root, os.W_OK):
         raise DatasetUnavailable(info, dest, f"the data folder {root} is read-only, so it "
                                  "cannot be downloaded there")
+    return root, dest
 
+
+def _short(exc: BaseException) -> str:
+    return exc.reason if getattr(exc, "reason", None) else str(exc)
+
+
+def _download_archive(info: DatasetInfo, overwrite: bool = False) -> Path:
+    root, dest = _writable_root(info)
     errors = []
     for url in info.urls:  # canonical first, then mirrors
         archive = root / (Path(urlparse(url).path).name or f"{info.name}.archive")
@@ -321,7 +349,7 @@ def _download_archive(info: DatasetInfo, overwrite: bool = False) -> Path:
                 pass  # another process (a second notebook) finished the same download first
             break
         except (DownloadError, ValueError, OSError) as exc:
-            errors.append(f"{url}: {exc.reason if getattr(exc, 'reason', None) else exc}")
+            errors.append(f"{url}: {_short(exc)}")
         finally:
             # The unpacked folder is what we use; keeping the archive would double the disk use.
             archive.unlink(missing_ok=True)
@@ -336,6 +364,48 @@ def _download_archive(info: DatasetInfo, overwrite: bool = False) -> Path:
         raise DatasetCorrupt(info, dest, f"the freshly downloaded copy failed its check ({problem}) "
                              "and was removed")
     return dest
+
+
+def _file_urls(info: DatasetInfo, base: str) -> list[str]:
+    return [base + name for name, _ in info.checksums]
+
+
+def _download_files(info: DatasetInfo, overwrite: bool = False) -> Path:
+    """Every file of a "files" dataset, checksummed, into a temp folder that becomes the
+    dataset's folder in one rename: an interrupted download never leaves half a dataset."""
+    root, dest = _writable_root(info)
+    errors = []
+    for base in info.urls:  # canonical first, then mirrors
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{info.folder}.", suffix=".part"))
+        try:
+            for url, (name, sha) in zip(_file_urls(info, base), info.checksums):
+                download(url, tmp / name, sha256=sha)
+            if overwrite:
+                shutil.rmtree(dest, ignore_errors=True)
+            if not dest.is_dir():  # else another process (a second notebook) got there first
+                os.replace(tmp, dest)
+            break
+        except (DownloadError, OSError) as exc:
+            errors.append(f"{getattr(exc, 'url', None) or base}: {_short(exc)}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        raise DatasetUnavailable(info, dest, "the download failed (" + "; ".join(errors) + ")")
+    return dest
+
+
+def _files_problem(info: DatasetInfo, path: Path) -> str | None:
+    """Plain words on how the files of a "files" dataset in ``path`` differ from the
+    published ones (missing, or another SHA-256: changed or truncated), or None. Files not
+    registered (a LICENSE beside them) are ignored."""
+    problems = []
+    for name, expected in info.checksums:
+        if not (path / name).is_file():
+            problems.append(f"{name} is missing")
+        elif (got := sha256sum(path / name)) != expected:
+            problems.append(f"{name} fails its checksum (sha256 {got[:12]}..., expected "
+                            f"{expected[:12]}...: changed or truncated)")
+    return "; ".join(problems) or None
 
 
 def _tree_problem(info: DatasetInfo, path: Path) -> str | None:
@@ -389,6 +459,14 @@ def verify(name: str) -> DatasetStatus:
                                      f"`tlcourse data fetch {name}` downloads what is missing.")
         return DatasetStatus(name, "ok", path, f"All splits ({', '.join(info.splits)}) load "
                              f"from {path}; torchvision found their files.")
+    if info.kind == "files":
+        problem = _files_problem(info, path)
+        if problem is None:
+            return DatasetStatus(name, "ok", path, f"All {len(info.checksums)} files in {path} "
+                                 "match their published SHA-256.")
+        return DatasetStatus(name, "corrupt", path, f"{path} differs from the published files: "
+                             f"{problem}. Do not trust results on it; `tlcourse data fetch {name}` "
+                             "replaces it.")
 
     problem = _tree_problem(info, path)
     if problem is None:
@@ -536,6 +614,39 @@ def hymenoptera(split: str = "train", transform: Callable | None = None,
                         warn_skipped=False)
 
 
+class TextSplit(NamedTuple):
+    """One split of a text-classification dataset: ``texts`` (``N`` strings), ``labels``
+    (int64 ``[N]``, indices into ``classes``) and ``classes`` (the class names)."""
+
+    texts: list[str]
+    labels: np.ndarray
+    classes: list[str]
+
+
+def banking77(split: str = "train", download: bool = True) -> TextSplit:
+    """BANKING77 (Casanueva et al. 2020): online-banking queries labelled with one of 77 intents.
+
+    ``split`` ``"train"`` (10,003 queries) or ``"test"`` (3,080). ``classes`` are the 77 intent
+    names in the order of the published ``categories.json`` (e.g. ``"card_arrival"``), and
+    ``labels[i]`` indexes them. The files are checked against their SHA-256 on every call
+    (about a megabyte: milliseconds), so an altered copy is refused, never used.
+
+    Raises:
+        DatasetUnavailable: not on disk and not downloadable now (the message says what to do).
+        DatasetCorrupt: a file is missing or fails its checksum.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"banking77 has splits 'train' and 'test', not {split!r}.")
+    path = locate("banking77", download=download)
+    classes = json.loads((path / "categories.json").read_text(encoding="utf-8"))
+    index = {c: i for i, c in enumerate(classes)}
+    # The csv module, not str.split: queries contain commas and quotes.
+    with open(path / f"{split}.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return TextSplit([r["text"] for r in rows],
+                     np.array([index[r["category"]] for r in rows], dtype=np.int64), classes)
+
+
 def torchvision_dataset(name: str, split: str = "train", transform: Callable | None = None,
                         download: bool = True):
     """A registered torchvision dataset (``mnist``, ``usps``, ``svhn``, ``cifar10``,
@@ -681,6 +792,27 @@ register(DatasetInfo(
     # computed with this module on 2026-11-23.
     digest="sha256:fd2da8c1cf645d4a883663fdd53b85304968b9a36a5a16e898970075ef3d15cf",
     fallback="lfw_subset",
+))
+
+register(DatasetInfo(
+    name="banking77",
+    kind="files",
+    description="online-banking text queries in 77 intents, 10,003 train + 3,080 test",
+    citation=("I. Casanueva, T. Temčinas, D. Gerz, M. Henderson and I. Vulić, 'Efficient Intent "
+              "Detection with Dual Sentence Encoders', Proc. 2nd Workshop on NLP for "
+              "Conversational AI (ACL), 2020."),
+    licence="CC BY 4.0 (PolyAI).",
+    # The files as published in PolyAI-LDN/task-specific-datasets (raw GitHub URLs).
+    urls=("https://raw.githubusercontent.com/PolyAI-LDN/task-specific-datasets/master/banking_data/",),
+    folder="banking77",
+    layout="banking77/{train.csv,test.csv,categories.json}",
+    # SHA-256 of the published files (the course's mirror holds the same bytes).
+    checksums=(
+        ("train.csv", "b06e26ac675513959a63135f11b94ea7786ed02da65db93a5650d8838cbc664b"),
+        ("test.csv", "d12d6e3bc4c3103966ae786dc435913c0c563dfa328f5a3646d0e62cfeeb474d"),
+        ("categories.json", "53261da888122daf2d120d925458631d9619e15d82e56052e7a42e535ce32b63"),
+    ),
+    notes="CSV columns text,category; categories.json lists the 77 intent names",
 ))
 
 register(DatasetInfo(
