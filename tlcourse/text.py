@@ -359,6 +359,11 @@ class NearestCentroid:
     means of their normalised embeddings. Works with NumPy arrays or tensors, and has
     ``predict``/``score`` like a scikit-learn classifier, so it drops into
     :func:`tlcourse.features.accuracy_vs_labels` as ``fit=text.nearest_centroid``.
+
+    Written here because scikit-learn's ``NearestCentroid`` measures Euclidean (or Manhattan)
+    distance to the raw class means (since 1.5 it refuses other metrics): for unit-length
+    queries that distance also depends on each mean's length, which shrinks as a class's
+    sentences disagree, so it is not the cosine to a normalised prototype used here.
     """
 
     def __init__(self, centroids: torch.Tensor, classes: np.ndarray):
