@@ -131,13 +131,13 @@ def test_registry_has_the_course_datasets():
     expected = {"hymenoptera": "archive", "digits": "bundled", "photos": "bundled",
                 "lfw_subset": "bundled", "mnist": "torchvision", "usps": "torchvision",
                 "svhn": "torchvision", "cifar10": "torchvision", "oxford_pets": "torchvision",
-                "flowers102": "torchvision"}
+                "flowers102": "torchvision", "banking77": "files", "chat_topics": "bundled"}
     for name, kind in expected.items():
         info = ds.get(name)
         assert info.kind == kind and info.citation and info.licence and info.description
         if kind != "bundled":
             assert info.urls and info.folder and info.layout
-    assert set(ds.list_datasets("bundled")) == {"digits", "photos", "lfw_subset"}
+    assert set(ds.list_datasets("bundled")) == {"digits", "photos", "lfw_subset", "chat_topics"}
 
 
 def test_register_refuses_duplicates_and_unknown_names_are_explained(monkeypatch):

@@ -12,7 +12,8 @@ One registry, timm-style: :data:`DATASETS` maps a name to a frozen :class:`Datas
 - ``"torchvision"``: delegated to a ``torchvision.datasets`` class, which downloads into
   ``data_dir()/<name>`` and checks each file's md5 itself; e.g. ``mnist``, ``cifar10``.
 - ``"bundled"``: shipped inside installed packages (scikit-learn, scikit-image), so always
-  available offline; e.g. :func:`digits`, :func:`photos`, :func:`lfw_subset`.
+  available offline; e.g. :func:`digits`, :func:`photos`, :func:`lfw_subset`, and for text
+  :func:`chat_topics` (chatbot questions by topic, from the ``chatterbot-corpus`` package).
 
 Typical use in a notebook::
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -72,6 +74,8 @@ __all__ = [
     "hymenoptera",
     "TextSplit",
     "banking77",
+    "CHAT_TOPICS",
+    "chat_topics",
     "torchvision_dataset",
     "digits",
     "photos",
@@ -195,6 +199,10 @@ class DatasetCorrupt(DatasetUnavailable):
 
 
 def _unavailable_message(info: DatasetInfo, path: Path, reason: str) -> str:
+    if info.kind == "bundled":  # read from an installed package: nothing to download or place
+        return (f"Dataset {info.name!r} ({info.description}) is not available: {reason}. "
+                f"It is bundled data, read from an installed package ({info.notes}); "
+                f"nothing is downloaded, so installing the package is the whole fix.")
     root = path.parent
     if info.kind == "archive":
         how = (f"Download {info.urls[0]} yourself and unpack it into {root} so that "
@@ -647,6 +655,97 @@ def banking77(split: str = "train", download: bool = True) -> TextSplit:
                      np.array([index[r["category"]] for r in rows], dtype=np.int64), classes)
 
 
+# The bundled text fallback (registered with the others below).
+CHAT_TOPICS = DatasetInfo(
+    name="chat_topics",
+    kind="bundled",
+    description="the opening lines of English chatbot conversations, labelled by topic",
+    citation=("G. Cox and contributors, 'ChatterBot Language Training Corpus', the PyPI package "
+              "chatterbot-corpus (data/english/*.yml)."),
+    licence="BSD-3-Clause (the chatterbot-corpus package).",
+    notes="the PyPI package chatterbot-corpus, chatterbot_corpus/data/english/*.yml",
+)
+_CHAT_TOPICS_INSTALL = "pip install 'chatterbot-corpus>=1.3.3'"
+
+
+def chat_topics(split: str = "train", seed: int = 0, test_fraction: float = 0.25,
+                min_per_class: int = 20) -> TextSplit:
+    """Chatbot questions by topic: the bundled, always-offline text fallback for BANKING77.
+
+    Source: the English files of the PyPI package ``chatterbot-corpus`` (BSD-3-Clause; a
+    dependency of tlcourse; 346 kB wheel, pure YAML data, nothing is ever downloaded). Each
+    file is one topic and holds short conversations; the *first line* of each conversation
+    (what a user opens with, e.g. ``"can you write bubble sort?"``) is a text, its file's
+    topic the label. Lines are whitespace-normalised and de-duplicated ignoring case; a line
+    that opens conversations in two topics is dropped (it has no single label); topics with
+    fewer than ``min_per_class`` texts are left out. With chatterbot-corpus 1.3.3 that gives
+    644 texts in 10 topics: ``ai`` 60, ``coding`` 96, ``conversations`` 20, ``emotion`` 48,
+    ``literature`` 29, ``movies`` 23, ``psychology`` 62, ``science`` 23, ``sports`` 22,
+    ``trivia`` 261 (imbalanced, and noisier than BANKING77: ``emotion`` and ``psychology``
+    overlap). The default split is 483 train + 161 test.
+
+    The package has no split, so one is drawn: stratified by topic, ``test_fraction`` of each
+    topic to ``"test"``, the rest to ``"train"``, fixed by ``seed`` (pass the course seed).
+    Texts keep the package's order within a split; ``classes`` are the topic names (the file
+    names) in sorted order, the same for both splits.
+
+    Raises:
+        DatasetUnavailable: chatterbot-corpus is not installed (the message says what to
+            install), or the installed version has no English topic files.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "test"):
+        raise ValueError(f"chat_topics has splits 'train' and 'test', not {split!r}.")
+    texts, labels, classes = _chat_topics_all(min_per_class)
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction,
+                                           stratify=labels, random_state=seed)
+    idx = np.sort(train_idx if split == "train" else test_idx)
+    return TextSplit([texts[i] for i in idx], np.array(labels, dtype=np.int64)[idx], list(classes))
+
+
+@functools.lru_cache(maxsize=4)
+def _chat_topics_all(min_per_class: int) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+    """All texts, labels and classes of :func:`chat_topics` (parsed once per process)."""
+    try:
+        import chatterbot_corpus
+    except ImportError as exc:
+        raise DatasetUnavailable(CHAT_TOPICS, Path("chatterbot_corpus", "data", "english"),
+                                 f"the package chatterbot-corpus that ships it is not installed "
+                                 f"({exc}). Install it with `{_CHAT_TOPICS_INSTALL}` (it is a "
+                                 f"dependency of tlcourse: reinstalling tlcourse brings it too)"
+                                 ) from None
+    import yaml  # PyYAML: a dependency of transformers and of tlcourse
+
+    folder = Path(chatterbot_corpus.__file__).parent / "data" / "english"
+    files = sorted(folder.glob("*.yml"))
+    if not files:
+        version = getattr(chatterbot_corpus, "__version__", "of unknown version")
+        raise DatasetUnavailable(CHAT_TOPICS, folder, f"the installed chatterbot-corpus {version} "
+                                 f"has no English topic files in {folder}. Reinstall it with "
+                                 f"`{_CHAT_TOPICS_INSTALL}`")
+    openers: dict[str, dict[str, str]] = {}   # topic -> {casefolded line: line as written}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's (faster) when PyYAML has it
+    for path in files:
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=loader) or {}
+        lines = openers.setdefault(path.stem, {})
+        for conversation in doc.get("conversations") or []:
+            # YAML reads a bare "yes" as True; only real strings are texts.
+            if conversation and isinstance(conversation[0], str) and conversation[0].strip():
+                line = " ".join(conversation[0].split())
+                lines.setdefault(line.casefold(), line)
+    topics_of: dict[str, int] = {}
+    for lines in openers.values():
+        for key in lines:
+            topics_of[key] = topics_of.get(key, 0) + 1
+    kept = {topic: [line for key, line in lines.items() if topics_of[key] == 1]
+            for topic, lines in openers.items()}
+    classes = tuple(t for t in sorted(kept) if len(kept[t]) >= min_per_class)
+    texts = tuple(line for t in classes for line in kept[t])
+    labels = tuple(i for i, t in enumerate(classes) for _ in kept[t])
+    return texts, labels, classes
+
+
 def torchvision_dataset(name: str, split: str = "train", transform: Callable | None = None,
                         download: bool = True):
     """A registered torchvision dataset (``mnist``, ``usps``, ``svhn``, ``cifar10``,
@@ -813,7 +912,10 @@ register(DatasetInfo(
         ("categories.json", "53261da888122daf2d120d925458631d9619e15d82e56052e7a42e535ce32b63"),
     ),
     notes="CSV columns text,category; categories.json lists the 77 intent names",
+    fallback="chat_topics",
 ))
+
+register(CHAT_TOPICS)
 
 register(DatasetInfo(
     name="digits",
