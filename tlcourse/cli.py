@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -89,13 +90,18 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from PIL import Image, UnidentifiedImageError
-
-    from tlcourse import models
-
     if args.top < 1:
         print(f"error: --top must be at least 1, not {args.top}", file=sys.stderr)
         return 2
+    if args.model:
+        from tlcourse import text
+
+        if text.is_text_classifier(args.model):
+            return _predict_texts(args)
+
+    from PIL import Image, UnidentifiedImageError
+
+    from tlcourse import models
 
     if args.model:  # a bad model file is one clear error before any image is read
         try:
@@ -124,7 +130,41 @@ def _cmd_predict(args) -> int:
             chunk = images[start:start + 32]
             preds = models.predict_images(model, chunk, k=args.top, transform=transform, classes=classes)
             results.update(zip(names[start:start + 32], preds))
-    if args.json:
+    return _print_predictions(results, failed, args.json)
+
+
+def _predict_texts(args) -> int:
+    """``predict --model`` with a model from ``probe TRAIN.csv --out``: each argument is a text."""
+    import torch
+
+    from tlcourse import models, text
+
+    try:
+        head, classes, encoder = text.load_classifier(args.model)
+    except (FileNotFoundError, ValueError, text.EncoderUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    texts = [t for t in args.images if t.strip()]
+    failed = [(t, "empty text") for t in args.images if not t.strip()]
+    for t in texts:
+        # Someone used to image models may pass a file of sentences. os.path.isfile, not Path.is_file,
+        # which raises on a sentence too long to be a file name.
+        if os.path.isfile(t):
+            print(f"warning: {t!r} is classified as the text itself, not the contents of that file "
+                  "(a text model reads the words given)", file=sys.stderr)
+    for t, why in failed:
+        print(f"error: {t!r}: {why}", file=sys.stderr)
+    results = {}
+    if texts:
+        with torch.no_grad():
+            logits = head(text.embed(texts, encoder))
+        results = dict(zip(texts, models.topk(logits, k=args.top, classes=classes)))
+    return _print_predictions(results, failed, args.json)
+
+
+def _print_predictions(results: dict, failed: list, as_json: bool) -> int:
+    """Print ``{input: [(class, probability), ...]}`` and the inputs that failed; 1 if any did."""
+    if as_json:
         payload = {n: [{"class": c, "probability": round(p, 5)} for c, p in preds] for n, preds in results.items()}
         payload.update({n: {"error": why} for n, why in failed})
         print(json.dumps(payload, indent=2))
@@ -150,10 +190,19 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _add_folder_arguments(p) -> None:
-    p.add_argument("train_dir", metavar="TRAIN_DIR", help="folder with one subfolder of images per class")
-    p.add_argument("val_dir", metavar="VAL_DIR", nargs="?", help="validation folder with the same class subfolders")
-    p.add_argument("--val-split", type=float, metavar="F", help="no VAL_DIR: hold out this fraction of TRAIN_DIR (e.g. 0.2)")
+def _add_folder_arguments(p, texts: bool = False) -> None:
+    """TRAIN, VAL and the options ``probe`` and ``finetune`` share; ``texts``: CSV files of texts too."""
+    train_help = "folder with one subfolder of images per class"
+    val_help = "validation folder with the same class subfolders"
+    if texts:
+        train_help += ", or a CSV file of texts with a header row (.tsv: tab-separated)"
+        val_help += ", or a validation CSV with the same columns"
+        p.add_argument("--text-column", metavar="NAME", help="CSV column holding the texts (default text)")
+        p.add_argument("--label-column", metavar="NAME", help="CSV column holding the labels (default label; "
+                                                              "BANKING77's train.csv: category)")
+    p.add_argument("train_dir", metavar="TRAIN" if texts else "TRAIN_DIR", help=train_help)
+    p.add_argument("val_dir", metavar="VAL" if texts else "VAL_DIR", nargs="?", help=val_help)
+    p.add_argument("--val-split", type=float, metavar="F", help="no validation data: hold out this fraction of the training data (e.g. 0.2)")
     p.add_argument("--image-size", type=_positive_int, default=224, metavar="PX", help="input size in pixels (default 224; 160 is ~2x faster)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -184,17 +233,30 @@ def _report(summary: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"{summary['method']} on {summary['backbone']} at {summary['image_size']} px")
-    print(f"  train {summary['train_images']} images, validation {summary['val_images']} images, "
+    unit = "texts" if "train_texts" in summary else "images"
+    size = f" at {summary['image_size']} px" if "image_size" in summary else ""
+    width = max([20] + [len(c) + 1 for c in summary["per_class_accuracy"]])  # intent names run long
+    print(f"{summary['method']} on {summary['backbone']}{size}")
+    print(f"  train {summary['train_' + unit]} {unit}, validation {summary['val_' + unit]} {unit}, "
           f"{len(summary['classes'])} classes")
-    print(f"  {'class':<20} {'val images':>10} {'accuracy':>9}")
+    print(f"  {'class':<{width}} {'val ' + unit:>10} {'accuracy':>9}")
     for cls, acc in summary["per_class_accuracy"].items():
-        print(f"  {cls:<20} {summary['val_counts'][cls]:>10} {acc:>9.3f}")
-    print(f"  {'all':<20} {summary['val_images']:>10} {summary['accuracy']:>9.3f}")
-    print(f"  {summary['seconds']:.1f} s in all, {summary['images_per_second']:.1f} images/s through the network")
+        print(f"  {cls:<{width}} {summary['val_counts'][cls]:>10} {acc:>9.3f}")
+    print(f"  {'all':<{width}} {summary['val_' + unit]:>10} {summary['accuracy']:>9.3f}")
+    if unit == "images":
+        print(f"  {summary['seconds']:.1f} s in all, {summary['images_per_second']:.1f} images/s through the network")
+    else:
+        print(f"  {summary['seconds']:.1f} s in all, {summary['embedding_seconds']:.1f} s of it embedding "
+              "(cached: a rerun on the same files skips it)")
     if summary.get("saved"):
         size = f" ({summary['saved_bytes'] / 1e6:.2f} MB)" if "saved_bytes" in summary else ""
-        print(f"  saved to {summary['saved']}{size}  (use: tlcourse predict --model {summary['saved']} IMAGE...)")
+        inputs = "IMAGE..." if unit == "images" else '"a sentence" ...'
+        print(f"  saved to {summary['saved']}{size}  (use: tlcourse predict --model {summary['saved']} {inputs})")
+
+
+def _is_text_data(path: str) -> bool:
+    # A missing "x.csv" is text too, so that its error speaks of files rather than image folders.
+    return Path(path).suffix.lower() in (".csv", ".tsv") or os.path.isfile(path)
 
 
 def _cmd_probe(args) -> int:
@@ -202,6 +264,12 @@ def _cmd_probe(args) -> int:
 
     from tlcourse import env, features, folders, models
 
+    if _is_text_data(args.train_dir):
+        return _probe_texts(args)
+    if args.text_column or args.label_column:
+        print(f"error: --text-column and --label-column are for a CSV file of texts; {args.train_dir} is "
+              "read as an image folder", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     env.seed_everything(args.seed)
     device = env.device()
@@ -230,6 +298,70 @@ def _cmd_probe(args) -> int:
         model.classifier = features.probe_to_linear(probe)
         summary["saved"] = str(models.save_classifier(args.out, model, data.classes, args.image_size,
                                                       method="linear probe", accuracy=summary["accuracy"]))
+    summary["seconds"] = time.perf_counter() - start
+    _report(summary, args.json)
+    return 0
+
+
+def _probe_texts(args) -> int:
+    """``probe`` on CSV files: all-MiniLM-L6-v2 embeds the texts once (cached), a logistic
+    regression learns the labels, as the image probe does on EfficientNet-Lite0's features."""
+    import time
+
+    import numpy as np
+
+    from tlcourse import features, folders, text
+
+    start = time.perf_counter()
+    columns = {"text_column": args.text_column or "text", "label_column": args.label_column or "label"}
+    try:
+        if (args.val_dir is None) == (args.val_split is None):
+            raise ValueError("Give either a validation CSV or --val-split, not both." if args.val_dir else
+                             "No validation data: give a validation CSV with the same columns, or --val-split "
+                             "0.2 to hold out 20% of the training texts.")
+        train = text.read_labelled_csv(args.train_dir, **columns)
+        if len(train.classes) < 2:
+            raise ValueError(f"{args.train_dir} has one label only ({train.classes[0]!r}) in column "
+                             f"{columns['label_column']!r}: a classifier needs at least two classes.")
+        if args.val_dir:
+            val = text.read_labelled_csv(args.val_dir, **columns, classes=train.classes)
+        else:
+            train_idx, val_idx = text.stratified_split(train.labels, args.val_split, args.seed, train.classes)
+        encoder = text.load_encoder()
+    except (FileNotFoundError, ValueError, text.EncoderUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    # The whole training file is embedded (and cached) even when part of it is held out, so that
+    # another --val-split or --seed reuses the same cached embeddings.
+    x = text.cached_embed(train.texts, encoder, progress=not args.json)
+    if args.val_dir:
+        x_train, y_train, train_texts = x, train.labels, train.texts
+        x_val, y_val, val_texts = text.cached_embed(val.texts, encoder, progress=not args.json), val.labels, val.texts
+    else:
+        x_train, y_train, train_texts = x[train_idx], train.labels[train_idx], [train.texts[i] for i in train_idx]
+        x_val, y_val, val_texts = x[val_idx], train.labels[val_idx], [train.texts[i] for i in val_idx]
+    embedding_seconds = time.perf_counter() - t0
+    leaked = len(set(val_texts) & set(train_texts))
+    if leaked:
+        print(f"warning: {leaked} validation text(s) also appear in the training data, so the accuracy is "
+              "optimistic: remove the duplicates", file=sys.stderr)
+    probe = features.linear_probe(x_train, y_train, C=args.C)
+    predicted = probe.predict(x_val.numpy())
+    val_counts = dict(zip(train.classes, np.bincount(y_val, minlength=len(train.classes)).tolist()))
+    summary = {
+        "method": "linear probe", "backbone": text.UPSTREAM, "input": "text", **columns,
+        "classes": train.classes, "train_texts": len(y_train), "val_texts": len(y_val), "val_counts": val_counts,
+        "accuracy": float((predicted == y_val).mean()),
+        # A class absent from the validation data has no accuracy (NaN is not JSON): left out.
+        "per_class_accuracy": {c: a for c, a in folders.per_class_accuracy(predicted, y_val, train.classes).items()
+                               if val_counts[c]},
+        "embedding_seconds": embedding_seconds,
+    }
+    if args.out:
+        saved = text.save_classifier(args.out, features.probe_to_linear(probe), train.classes, encoder,
+                                     method="linear probe", accuracy=summary["accuracy"], **columns)
+        summary["saved"], summary["saved_bytes"] = str(saved), saved.stat().st_size
     summary["seconds"] = time.perf_counter() - start
     _report(summary, args.json)
     return 0
@@ -414,18 +546,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="ImageNet top-K classes of images with the offline backbone",
                        description="Classify images with EfficientNet-Lite0 (ImageNet weights, no download). "
-                                   "A missing or unreadable file is reported by name; the others still print.")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes per image (default 5)")
+                                   "A missing or unreadable file is reported by name; the others still print. "
+                                   "With --model from `tlcourse probe TRAIN.csv --out`, classify texts instead: "
+                                   'tlcourse predict --model M "a sentence" "another".')
+    p.add_argument("images", nargs="+", metavar="INPUT", help="image files, or texts for a text model (--model)")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes per image or text (default 5)")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.add_argument("--model", metavar="FILE", help="a model saved by `tlcourse probe/finetune --out` (default: ImageNet classes)")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("probe", help="train a linear probe on your own image folders",
+    p = sub.add_parser("probe", help="train a linear probe on your own image folders or CSV files of texts",
                        description="Feature extraction on any folder of class-named subfolders: the frozen "
                                    "EfficientNet-Lite0 computes features once, a logistic regression learns your "
-                                   "classes. Give a validation folder with the same class subfolders, or --val-split.")
-    _add_folder_arguments(p)
+                                   "classes. Give a validation folder with the same class subfolders, or --val-split. "
+                                   "A CSV file (header row; columns text and label, or --text-column/--label-column) "
+                                   "is a text probe: all-MiniLM-L6-v2's sentence embeddings (offline, cached) "
+                                   "instead of image features.")
+    _add_folder_arguments(p, texts=True)
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression (default 1)")
     p.set_defaults(func=_cmd_probe)
 

