@@ -136,3 +136,16 @@ def test_accuracy_vs_labels_takes_explicit_seeds():
     a = features.accuracy_vs_labels(x, y, x, y, [2], seeds=[7, 8, 9])
     b = features.accuracy_vs_labels(x, y, x, y, [2], seeds=[7, 8, 9])
     assert len(a[2]) == 3 and a == b
+
+
+def test_probe_and_label_curve_keep_sparse_features_sparse():
+    # TF-IDF vectors (chapter 07) are SciPy sparse matrices: the same draws and the same
+    # regression as on the dense copy, without densifying them.
+    from scipy import sparse
+
+    x, y = _blobs(n_per_class=20, seed=4)
+    dense = x.numpy()
+    assert features.linear_probe(sparse.csr_matrix(dense), y).score(dense, y) == \
+        features.linear_probe(dense, y).score(dense, y)
+    on_sparse = features.accuracy_vs_labels(sparse.csr_matrix(dense), y, sparse.csr_matrix(dense), y, [1, 3], seeds=2)
+    assert on_sparse == features.accuracy_vs_labels(dense, y, dense, y, [1, 3], seeds=2)

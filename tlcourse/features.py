@@ -144,6 +144,7 @@ def linear_probe(features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.
     """Fit an L2-regularised multinomial logistic regression on ``features [N, D]``.
 
     Returns the fitted scikit-learn ``LogisticRegression`` (``.score``, ``.predict``).
+    ``features`` may be a SciPy sparse matrix (TF-IDF vectors, chapter 07): kept sparse.
     No standardisation: the backbone's features are already on a common scale (ReLU6
     outputs averaged over positions), and with one or two labels per class a
     ``StandardScaler`` estimates each feature's spread from two numbers, which measured
@@ -151,7 +152,15 @@ def linear_probe(features: torch.Tensor | np.ndarray, labels: torch.Tensor | np.
     """
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=C, max_iter=max_iter).fit(np.asarray(features), np.asarray(labels))
+    return LogisticRegression(C=C, max_iter=max_iter).fit(_matrix(features), np.asarray(labels))
+
+
+def _matrix(x):
+    """``x`` as NumPy, unless it is a SciPy sparse matrix (``np.asarray`` would wrap it in a 0-d
+    object array)."""
+    from scipy import sparse
+
+    return x if sparse.issparse(x) else np.asarray(x)
 
 
 def probe_to_linear(probe) -> nn.Linear:
@@ -220,17 +229,18 @@ def accuracy_vs_labels(
     Each ``k`` is repeated over random draws, one per seed: ``seeds`` is a number of draws
     (seeds 0 … n−1) or the seeds themselves (``cfg.seeds(5)`` in a notebook). The spread
     matters most for small ``k``. ``fit(features, labels)`` returns a classifier with
-    ``.score``; default :func:`linear_probe`.
+    ``.score``; default :func:`linear_probe`. Features ``[N, D]``: arrays, tensors or SciPy
+    sparse matrices.
     """
     fit = fit or linear_probe
-    val_features, val_labels = np.asarray(val_features), np.asarray(val_labels)
+    train_features, val_features, val_labels = _matrix(train_features), _matrix(val_features), np.asarray(val_labels)
     seeds = range(seeds) if isinstance(seeds, int) else list(seeds)
     results = {}
     for k in shots:
         scores = []
         for seed in seeds:
             idx = sample_per_class(train_labels, k, seed)
-            clf = fit(np.asarray(train_features)[idx], np.asarray(train_labels)[idx])
+            clf = fit(train_features[idx], np.asarray(train_labels)[idx])
             scores.append(float(clf.score(val_features, val_labels)))
         results[k] = scores
     return results
