@@ -332,6 +332,8 @@ def cached_embed(texts: str | Sequence[str], encoder: Encoder | None = None,
     encoder = encoder or load_encoder()
     texts = _as_texts(texts)
     max_length = max_length or encoder.max_length
+    if not encoder.weights_sha256:   # weights that changed since loading (fine-tuned): nothing names them
+        return embed(texts, encoder, batch_size=batch_size, max_length=max_length, progress=progress)
     key = embedding_cache_key(texts, encoder.weights_sha256, max_length)
     folder = Path(cache_dir) if cache_dir else features_cache_dir()
     path = folder / f"text-{key[:32]}.pt"
