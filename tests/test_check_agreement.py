@@ -40,7 +40,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-CHAPTERS = ["00", "01", "02", "03", "04", "05", "06"]
+CHAPTERS = ["00", "01", "02", "03", "04", "05", "06", "07"]
 QUESTION_SECONDS = 6.0    # kernel: seconds for the visible tests of one question
 CELL_SECONDS = 4.0        # kernel: a cell running longer is interrupted (a learner would press stop)
 HOSTILE = {"writes_result_channel", "patches_torch", "patches_builtins", "patches_checks_module",
