@@ -30,7 +30,7 @@ NOTEBOOK_SECONDS = {
     "02_fine_tuning_keras.ipynb": 240,
     "02_fine_tuning.ipynb": 210,
     "01_feature_extraction.ipynb": 160,
-    "07_text_transfer.ipynb": 160,
+    "07_text_transfer.ipynb": 260,
 }
 
 
