@@ -51,6 +51,17 @@ def test_missing_validation_is_explained(tmp_path):
         folders.load_train_val(tmp_path / "train", val_split=1.5)
 
 
+def test_a_split_that_cannot_be_made_says_why(tmp_path):
+    root = make_folder(tmp_path / "train", n=3)
+    for extra in (root / "blue").iterdir():
+        if extra.name != "0.jpg":
+            extra.unlink()                                   # blue keeps one image
+    with pytest.raises(ImageFolderError, match="'blue' have fewer than 2 images.*a validation folder"):
+        folders.load_train_val(root, val_split=0.3)
+    with pytest.raises(ImageFolderError, match="leaves 1 training images for 2 classes"):
+        folders.load_train_val(make_folder(tmp_path / "small", n=2), val_split=0.75)
+
+
 def test_per_class_accuracy():
     acc = folders.per_class_accuracy([0, 0, 1, 1], [0, 1, 1, 1], ["a", "b"])
     assert acc == {"a": 1.0, "b": pytest.approx(2 / 3)}

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from tlcourse import datasets
 from tlcourse.datasets import ImageFolderError
+from tlcourse.splits import stratified_split
 
 
 @dataclass
@@ -81,21 +82,11 @@ def load_train_val(
                 "Both need the same class subfolders (same names).")
         return TrainVal(train_set, val_set, list(train_set.classes), skipped)
 
-    if not 0 < val_split < 1:
-        raise ValueError(f"--val-split must be a fraction between 0 and 1 (e.g. 0.2), not {val_split}.")
-    from sklearn.model_selection import train_test_split
-
-    labels = np.asarray(train_set.targets)
-    too_small = [c for i, c in enumerate(train_set.classes) if (labels == i).sum() < 2]
-    if too_small:
-        raise ImageFolderError(f"Class(es) {', '.join(map(repr, too_small))} have fewer than 2 images, so "
-                               "--val-split cannot put one in each of train and validation. Add images.")
-    indices = np.arange(len(labels))
-    n_val = max(len(train_set.classes), round(val_split * len(labels)))  # at least one per class
-    train_idx, val_idx = train_test_split(indices, test_size=n_val, stratify=labels, random_state=seed)
+    train_idx, val_idx = stratified_split(train_set.targets, val_split, seed, train_set.classes, unit="images",
+                                          elsewhere="a validation folder", error=ImageFolderError)
     val_view = datasets.image_folder(train_dir, val_transform, warn_skipped=False)
     val_view.samples, val_view.targets = train_set.samples, train_set.targets
-    return TrainVal(Subset(train_set, sorted(train_idx)), Subset(val_view, sorted(val_idx)),
+    return TrainVal(Subset(train_set, train_idx.tolist()), Subset(val_view, val_idx.tolist()),
                     list(train_set.classes), skipped)
 
 

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import splits
 from .download import sha256sum
 from .features import features_cache_dir
 
@@ -501,28 +502,11 @@ def _check_columns(path: Path, header: list[str], wanted: dict[str, str]) -> Non
 
 def stratified_split(labels, fraction: float, seed: int = 0,
                      classes: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out ``fraction`` of every class: ``labels [N]`` -> sorted indices ``(train, val)``.
-
-    At least one example of each class goes to each side, so every class needs two; ``classes``
-    (names) only make the error messages readable. ``seed`` fixes the draw.
-    """
-    from sklearn.model_selection import train_test_split
-
-    if not 0 < fraction < 1:
-        raise ValueError(f"--val-split must be a fraction between 0 and 1 (e.g. 0.2), not {fraction}.")
-    labels = np.asarray(labels)
-    present, counts = np.unique(labels, return_counts=True)
-    if (counts < 2).any():
-        rare = [repr(classes[i]) if classes is not None else str(i) for i in present[counts < 2]]
-        raise TextDataError(f"Class(es) {', '.join(rare)} have fewer than 2 "
-                            "examples, so --val-split cannot put one in each of train and validation. Add "
-                            "examples, or give a separate validation file.")
-    n_val = max(len(present), round(fraction * len(labels)))
-    if len(labels) - n_val < len(present):
-        raise TextDataError(f"--val-split {fraction} leaves {len(labels) - n_val} training examples for "
-                            f"{len(present)} classes: use a smaller fraction, or add examples.")
-    train, val = train_test_split(np.arange(len(labels)), test_size=n_val, stratify=labels, random_state=seed)
-    return np.sort(train), np.sort(val)
+    """Hold out ``fraction`` of every class: ``labels [N]`` -> sorted indices ``(train, val)``
+    (:func:`tlcourse.splits.stratified_split`, the split image folders get too; a
+    :class:`TextDataError` says what to change)."""
+    return splits.stratified_split(labels, fraction, seed, classes, unit="examples",
+                                   elsewhere="a separate validation file", error=TextDataError)
 
 
 # ----------------------------------------------------------------------------- a saved classifier
