@@ -5,6 +5,8 @@ Small made-up intents keep each run to seconds on a CPU; the chapter measures BA
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -34,7 +36,7 @@ def _weights(model):
 def test_before_training_the_classifier_is_the_nearest_centroid(encoder):
     x = text.embed(TEXTS, encoder)
     centroid = text.nearest_centroid(x, LABELS)
-    model = text_finetune.SentenceClassifier(encoder.model, centroid.centroids).eval()
+    model = text_finetune.SentenceClassifier(copy.deepcopy(encoder.model), centroid.centroids).eval()
     with torch.no_grad():
         logits = model(**text.tokenize(TEXTS, encoder))                        # [12, 3]
     expected = text_finetune.SCALE * centroid.similarities(x)
@@ -62,11 +64,14 @@ def test_fine_tune_trains_a_copy_and_returns_a_plain_encoder(encoder, method):
         assert tuned.trainable == 6 * per_layer + head
         assert changed and all(k.endswith(("query.weight", "value.weight")) for k in changed)
     else:
-        assert tuned.trainable == sum(p.numel() for p in encoder.model.parameters()) + head
-        assert any("intermediate" in k for k in changed)                        # every layer moved
+        pooler = sum(p.numel() for p in encoder.model.pooler.parameters())      # mean pooling never reads it
+        assert tuned.trainable == sum(p.numel() for p in encoder.model.parameters()) - pooler + head
+        assert all(any(f"layer.{i}." in k for k in changed) for i in range(6))  # every layer moved
+        assert not any(k.startswith("pooler") for k in changed)
+    prototypes = text.nearest_centroid(text.embed(TEXTS, encoder), LABELS).centroids
+    assert not torch.allclose(tuned.classifier.centroids, prototypes, atol=1e-4)  # the trained head, kept by the merge
     assert len(tuned.losses) == 2 and all(np.isfinite(tuned.losses))
     assert set(tuned.predict(["where is my card"])) <= set(LABELS)
-    assert 0.0 <= tuned.score(TEXTS, LABELS) <= 1.0
     assert tuned.encoder.weights_sha256 == ""
 
 
@@ -102,3 +107,7 @@ def test_bad_arguments_are_refused(encoder):
         text_finetune.fine_tune(TEXTS, LABELS, method="adapter", encoder=encoder)
     with pytest.raises(ValueError, match="12 texts but 11 labels"):
         text_finetune.fine_tune(TEXTS, LABELS[:-1], encoder=encoder)
+    with pytest.raises(ValueError, match="two classes"):
+        text_finetune.fine_tune(TEXTS[:4], LABELS[:4], encoder=encoder)
+    with pytest.raises(ValueError, match="at least 1"):
+        text_finetune.fine_tune(TEXTS, LABELS, epochs=0, encoder=encoder)

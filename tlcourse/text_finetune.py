@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from . import efficient, finetune, text
 
-__all__ = ["SCALE", "METHODS", "LEARNING_RATES", "SentenceClassifier", "lora_targets", "TunedEncoder",
+__all__ = ["SCALE", "METHODS", "LEARNING_RATES", "HEAD_LR", "SentenceClassifier", "lora_targets", "TunedEncoder",
            "fine_tune"]
 
 # Cosines lie in [-1, 1]; a softmax over 77 of them would stay nearly uniform. Multiplying by 20
@@ -48,8 +48,10 @@ SCALE = 20.0
 METHODS = ("full", "lora")
 # Common starting points, not tuned on this data: a small step when every pretrained weight moves
 # (Devlin et al. 2019 searched 2e-5 to 5e-5 for BERT), a larger one when only a few new weights
-# train (chapter 06 likewise).
+# train (chapter 06 likewise). The head is new in both arms and gets HEAD_LR in both, so the arms
+# differ only in what they change inside the encoder.
 LEARNING_RATES = {"full": 3e-5, "lora": 2e-3}
+HEAD_LR = 2e-3
 
 
 class SentenceClassifier(nn.Module):
@@ -62,6 +64,11 @@ class SentenceClassifier(nn.Module):
     def __init__(self, transformer: nn.Module, prototypes: torch.Tensor, scale: float = SCALE):
         super().__init__()
         self.transformer = transformer
+        # BERT's pooler (a dense layer on [CLS]) is not read by mean pooling: frozen, so that it
+        # neither counts as trained nor sits in the optimizer.
+        pooler = getattr(transformer, "pooler", None)
+        if pooler is not None:
+            pooler.requires_grad_(False)
         self.head = nn.Linear(prototypes.shape[1], prototypes.shape[0], bias=False)
         with torch.no_grad():
             self.head.weight.copy_(prototypes)
@@ -95,8 +102,9 @@ class TunedEncoder:
     ``encoder``: the tuned transformer with the original tokenizer (an :class:`text.Encoder`,
     usable with :func:`text.embed`; its ``weights_sha256`` is cleared, so it never reads or
     writes the pretrained model's embedding cache); ``classifier``: the trained head as unit
-    prototypes ``[C, 384]`` (a :class:`text.NearestCentroid`); ``trainable``: values that
-    trained; ``losses``: the training loss of each epoch; ``seconds``: training time.
+    prototypes ``[C, 384]`` (a :class:`text.NearestCentroid`); ``trainable``: values the
+    optimizer updated (the head's included); ``losses``: the training loss of each epoch;
+    ``seconds``: training time.
     """
 
     method: str
@@ -126,8 +134,9 @@ def fine_tune(texts: Sequence[str], labels, method: str = "full", epochs: int = 
     """Fine-tune a copy of the sentence encoder on ``texts`` with ``labels [N]`` (any integers
     or strings); the shared pretrained encoder is left untouched.
 
-    The head starts at the prototypes of the frozen embeddings; AdamW with ``lr`` (default
-    :data:`LEARNING_RATES`), linear warm-up over ``warmup`` of the steps then cosine decay
+    The head starts at the prototypes of the frozen embeddings; AdamW with ``lr`` for the
+    encoder's trainable weights (default :data:`LEARNING_RATES`) and :data:`HEAD_LR` for the
+    head in both methods, linear warm-up over ``warmup`` of the steps then cosine decay
     (chapter 02's schedule), cross-entropy, dropout on as in pretraining. The batch order and
     the dropout masks come from ``seed`` alone, so two methods with one seed see the same batches
     in the same order, LoRA's adapters start alike for one seed, a run repeats exactly, and the
@@ -135,23 +144,32 @@ def fine_tune(texts: Sequence[str], labels, method: str = "full", epochs: int = 
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be at least 1, not {epochs} and {batch_size}")
     texts = list(texts)
     labels = np.asarray(labels)
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    if len(np.unique(labels)) < 2:
+        raise ValueError("fine-tuning a classifier needs at least two classes")
     encoder = encoder or text.load_encoder()
     classes, y = np.unique(labels, return_inverse=True)
     frozen = text.nearest_centroid(text.embed(texts, encoder), y)                  # [C, 384] prototypes
     # LoRA's initial A, dropout and the batch order draw random numbers: from the seed alone, in a
-    # forked random state, so the caller's global state is left as it was.
-    with torch.random.fork_rng(devices=[]):
+    # forked random state (the GPU's too: manual_seed reseeds it), so the caller's is left as it was.
+    dev = torch.device(device)
+    gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(seed)
         model = SentenceClassifier(copy.deepcopy(encoder.model), frozen.centroids)
         if method == "lora":   # alpha = rank (a scale of 1), as in chapter 06
             model = efficient.add_lora(model, rank=rank, targets=lora_targets(model))
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr or LEARNING_RATES[method], weight_decay=weight_decay)
+        head = [p for n, p in model.named_parameters() if p.requires_grad and "head" in n.split(".")]
+        body = [p for p in params if all(p is not h for h in head)]
+        optimizer = torch.optim.AdamW([{"params": body, "lr": LEARNING_RATES[method] if lr is None else lr},
+                                       {"params": head, "lr": HEAD_LR}], weight_decay=weight_decay)
         steps_per_epoch = -(-len(texts) // batch_size)
         total = epochs * steps_per_epoch
         scheduler = finetune.warmup_cosine(optimizer, total, min(int(warmup * total), total - 1))
