@@ -156,3 +156,27 @@ def test_finetune_method_and_blocks_must_agree(call, tmp_path):
     assert out.returncode == 2 and "--blocks K" in out.stderr
     out = call("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--method", "full", "--blocks", "2")
     assert out.returncode == 2 and "--method last-k" in out.stderr
+
+
+def test_finetune_on_two_processes_takes_the_steps_of_one(call, tmp_path):
+    """`--nproc 2` (DDP, launched by torch.distributed.run) with the same effective batch saves the
+    weights `--nproc 1` saves, up to rounding, and reports the split of the batch and its speed."""
+    import torch
+
+    make_folder(tmp_path / "train", n=8)
+    runs = {}
+    for n in (1, 2):
+        path = tmp_path / f"ft{n}.pt"
+        out = _cli("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--image-size", "64", "--epochs", "2",
+                   "--blocks", "1", "--batch-size", "4", "--nproc", str(n), "--json", "--out", str(path))
+        assert out.returncode == 0, out.stderr
+        runs[n] = json.loads(out.stdout), torch.load(path, weights_only=False)["state_dict"]
+        assert runs[n][0]["processes"] == n and runs[n][0]["per_process_batch"] == 4 // n
+        assert runs[n][0]["steps"] == 2 * (12 // 4) and runs[n][0]["images_per_second"] > 0
+    (one, w1), (two, w2) = runs[1], runs[2]
+    assert w1.keys() == w2.keys() and len(w1) > 2
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-4)
+    assert two["accuracy"] == one["accuracy"]
+    out = call("finetune", str(tmp_path / "train"), "--val-split", "0.25", "--nproc", "2", "--batch-size", "5")
+    assert out.returncode == 2 and "multiple of 2" in out.stderr

@@ -209,8 +209,9 @@ def _add_folder_arguments(p, texts: bool = False) -> None:
     p.add_argument("--out", metavar="FILE", help="save the model (with class names and preprocessing) for `tlcourse predict --model`")
 
 
-def _load_folders(args, transform, val_transform=None):
-    """``folders.load_train_val`` for a command; returns None after printing a clear error."""
+def _load_folders(args, transform, val_transform=None, warn: bool = True):
+    """``folders.load_train_val`` for a command; returns None after printing a clear error.
+    Warnings (skipped files) are printed with ``warn``, and by rank 0 only in a distributed job."""
     import warnings
 
     from tlcourse import folders
@@ -224,7 +225,7 @@ def _load_folders(args, transform, val_transform=None):
         except (ImageFolderError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return None
-    for w in caught:
+    for w in caught if warn and os.environ.get("RANK", "0") == "0" else ():
         print(f"warning: {w.message}", file=sys.stderr)
     return data
 
@@ -368,12 +369,27 @@ def _probe_texts(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
+    from tlcourse import distributed
+
+    if args.accumulate > 1 and args.nproc is None and not distributed.launched():
+        args.nproc = 1   # accumulation lives in the distributed loop, which also runs as one process
+    if args.nproc is not None and not distributed.launched():
+        return _launch_finetune(args)
+    ctx = distributed.init() if distributed.launched() else None
+    try:
+        return _finetune(args, ctx)
+    finally:
+        distributed.shutdown()
+
+
+def _finetune(args, ctx) -> int:
+    """``tlcourse finetune`` in this process: alone (``ctx`` None) or as one rank of a job."""
     import time
 
-    from tlcourse import env, finetune, folders, models, train
+    from tlcourse import distributed, env, finetune, folders, models, train
 
     start = time.perf_counter()
-    device = env.device()
+    device = env.device() if ctx is None else ctx.device
     data = _load_folders(args, transform=None)
     if data is None:
         return 2
@@ -386,39 +402,96 @@ def _cmd_finetune(args) -> int:
 
     train_set = decoded(data.train, finetune.train_transform(args.image_size, mean, std))
     val_set = decoded(data.val, finetune.eval_transform(args.image_size, mean, std))
-    generator = env.seed_everything(args.seed)
-    train_loader = train.make_loader(train_set, args.batch_size, shuffle=True, device=device, generator=generator)
-    val_loader = train.make_loader(val_set, 64, device=device)
     method = args.method or ("full" if args.blocks == "all" else "last-k")
     try:
         strategy, lora = _finetune_strategy(method, args, train_set, device)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = finetune.run_strategy(lambda: models.efficientnet_lite0(num_classes=len(data.classes)), strategy,
-                                   train_loader, val_loader, device=device, seed=args.seed, progress=not args.json)
-    logits, labels = train.predict(result.model.to(device), val_loader, device)
+
+    def make_model():
+        return models.efficientnet_lite0(num_classes=len(data.classes))
+
+    if ctx is None:
+        generator = env.seed_everything(args.seed)
+        train_loader = train.make_loader(train_set, args.batch_size, shuffle=True, device=device, generator=generator)
+        val_loader = train.make_loader(val_set, 64, device=device)
+        result = finetune.run_strategy(make_model, strategy, train_loader, val_loader, device=device,
+                                       seed=args.seed, progress=not args.json)
+        model, trainable, val_curve = result.model, result.trainable, result.history["val_acc"]
+        logits, labels = train.predict(model.to(device), val_loader, device)
+        throughput = len(train_set) * args.epochs / result.seconds
+        parallel = {}
+    else:
+        run = distributed.fit(make_model, strategy, train_set, val_set, ctx, batch_size=args.batch_size,
+                              accumulate=args.accumulate, seed=args.seed, progress=not args.json)
+        if not ctx.is_main:
+            return 0
+        model, trainable, val_curve = run.model, run.trainable, run.history["val_acc"]
+        logits, labels, throughput = run.logits, run.labels, run.images_per_second
+        parallel = {"processes": ctx.world_size, "backend": ctx.backend, "batch_size": args.batch_size,
+                    "per_process_batch": run.per_rank_batch, "accumulate": args.accumulate, "steps": run.steps,
+                    "train_seconds": run.train_seconds}
     predicted = logits.argmax(1)
     summary = {
         "method": strategy.name, "backbone": "efficientnet_lite0", "image_size": args.image_size,
         "classes": data.classes, "train_images": len(train_set), "val_images": len(val_set),
-        "val_counts": data.counts("val"), "epochs": args.epochs, "trainable_parameters": result.trainable,
+        "val_counts": data.counts("val"), "epochs": args.epochs, "trainable_parameters": trainable,
         "accuracy": float((predicted == labels).float().mean()),
         "per_class_accuracy": folders.per_class_accuracy(predicted, labels, data.classes),
-        "val_accuracy_per_epoch": result.history["val_acc"],
+        "val_accuracy_per_epoch": val_curve,
         "skipped": [str(p) for p, _ in data.skipped],
-        "images_per_second": len(train_set) * args.epochs / result.seconds,
+        "images_per_second": throughput, **parallel,
     }
     if args.out:
         # Full fine-tuning changed every weight; the other methods save what they trained (with
         # BatchNorm kept in eval mode nothing else moved) and load on top of the pretrained weights.
-        saved = models.save_classifier(args.out, result.model, data.classes, args.image_size,
+        saved = models.save_classifier(args.out, model, data.classes, args.image_size,
                                        trained_only=method not in ("full", "lp-ft"), lora=lora,
                                        method=strategy.name, accuracy=summary["accuracy"])
         summary["saved"], summary["saved_bytes"] = str(saved), saved.stat().st_size
     summary["seconds"] = time.perf_counter() - start
     _report(summary, args.json)
     return 0
+
+
+def _launch_finetune(args) -> int:
+    """``tlcourse finetune --nproc N``: ``torchrun --standalone --nproc-per-node N -m tlcourse.cli
+    finetune ...`` (the same arguments without ``--nproc``); every rank runs :func:`_finetune`."""
+    import logging
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from tlcourse import distributed
+
+    # Check what can be checked before starting N processes that would each say the same thing.
+    if _load_folders(args, transform=None, warn=False) is None:   # rank 0 warns
+        return 2
+    try:
+        distributed.split_batch(args.batch_size, args.nproc, args.accumulate)
+    except ValueError as exc:
+        print(f"error: --batch-size: {exc}", file=sys.stderr)
+        return 2
+    # Each process gets its share of the cores (torchrun would otherwise set 1 thread each).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    argv, skip = [], False
+    for arg in args.argv:   # the same command line without --nproc N
+        if not skip and not _is_nproc(arg):
+            argv.append(arg)
+        skip = _is_nproc(arg) and "=" not in arg
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "tlcourse.cli", *argv]))
+    except ChildFailedError as exc:
+        print(f"error: {distributed.failure_message(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _is_nproc(arg: str) -> bool:
+    name = arg.split("=", 1)[0]
+    return len(name) > 3 and "--nproc".startswith(name)   # argparse accepts --npr for --nproc
 
 
 METHODS = ("full", "last-k", "lora", "bitfit", "lp-ft")
@@ -583,7 +656,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (default 1e-3)")
     p.add_argument("--layer-decay", type=float, default=0.5, help="each earlier group's lr is this times the next "
                                                                     "(default 0.5; full and last-k only)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per step (default 32)")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="images per optimizer step, over all processes and accumulation steps (default 32)")
+    p.add_argument("--nproc", type=_positive_int, metavar="N",
+                   help="train data-parallel in N local processes (PyTorch DDP, launched by torch.distributed.run; "
+                        "one per GPU, or CPU processes sharing the cores); for several machines start "
+                        "`torchrun ... -m tlcourse.cli finetune ...` on each instead (see the README)")
+    p.add_argument("--accumulate", type=_positive_int, default=1, metavar="K",
+                   help="split each batch into K micro-batches per process and sum their gradients (default 1; "
+                        "same steps, less memory)")
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("run", help="execute notebooks headless into build/ (ipynb + HTML)",
@@ -632,7 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv   # `finetune --nproc` passes them on to its processes
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -353,6 +353,25 @@ class PreDecoded(Dataset):
         return cls.from_paths(paths, labels, dataset.classes, short_side, transform)
 
 
+def course_photos(short_side: int, seed: int = 0) -> tuple[PreDecoded, PreDecoded, str]:
+    """The course's two-class photos decoded once: ``(train, val, name)``.
+
+    Hymenoptera (ants vs bees: 244 train, 153 val) when it is on disk or downloadable, else the
+    bundled faces (:func:`tlcourse.datasets.lfw_faces`, split by ``seed``), whose name then says
+    ``"(fallback)"``. No transform is set: add one with :meth:`PreDecoded.with_transform`.
+    """
+    from . import datasets
+
+    try:
+        train_files, val_files = datasets.hymenoptera("train"), datasets.hymenoptera("val")
+        return (PreDecoded.from_folder(train_files, short_side), PreDecoded.from_folder(val_files, short_side),
+                "hymenoptera")
+    except datasets.DatasetUnavailable:
+        return (PreDecoded.from_dataset(datasets.lfw_faces("train", seed=seed), short_side),
+                PreDecoded.from_dataset(datasets.lfw_faces("val", seed=seed), short_side),
+                "lfw_subset (fallback)")
+
+
 def decode(path: str | Path, short_side: int) -> torch.Tensor:
     """One image file -> ``uint8 [3, h, w]`` with ``min(h, w) == short_side``, RGB."""
     from PIL import Image
