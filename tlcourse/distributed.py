@@ -26,8 +26,9 @@ pieces, one small function each:
 With frozen BatchNorm every rank normalises with the same stored statistics, so nothing differs
 between ranks but their data. BatchNorm that *trains* normalises each rank's few images by their
 own statistics; ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` computes them over all ranks'
-images instead (one more all-reduce per BN layer per step), which matters when per-GPU batches
-are small (Wu & He 2018 show BatchNorm's error rising as the batch per GPU shrinks).
+images instead (one more all-reduce per BN layer per step; for timm models use
+``timm.layers.convert_sync_batchnorm``, which keeps the activation timm fuses into its BN layers),
+which matters when per-GPU batches are small (Wu & He 2018 show BatchNorm's error rising as the batch per GPU shrinks).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import datetime
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
@@ -95,26 +98,30 @@ def launched() -> bool:
 def init(backend: str | None = None, timeout_s: float = 300, device: str | torch.device | None = None) -> Context:
     """Join the job's process group from the launcher's environment; returns the :class:`Context`.
 
-    ``backend``: ``"nccl"`` when CUDA is available (GPU-to-GPU collectives), else ``"gloo"``
-    (CPU). ``timeout_s`` bounds every collective: a rank that never arrives (crashed, stuck on
+    ``device``: default :func:`tlcourse.env.device` (``TLCOURSE_DEVICE=cpu`` forces the CPU);
+    ``backend``: ``"nccl"`` on CUDA (GPU-to-GPU collectives), else ``"gloo"`` (CPU). ``timeout_s`` bounds every collective: a rank that never arrives (crashed, stuck on
     I/O) makes the others raise after that long instead of waiting forever; the launcher also
     stops the remaining ranks as soon as one exits with an error. Each CUDA rank takes the GPU
-    ``LOCAL_RANK``. A CPU rank gets ``cores / local ranks`` threads, so ``N`` processes on one
-    machine do not fight over its cores. Not launched: a one-process context, no group.
+    ``LOCAL_RANK``. A CPU rank gets ``cores / local ranks`` threads (at most ``OMP_NUM_THREADS``
+    when that is set), so ``N`` processes on one machine do not fight over its cores. Not launched: a one-process context, no group.
     """
     if not launched():
         return Context(device=torch.device(device) if device is not None else env.device())
     rank, world, local = (int(os.environ[name]) for name in LAUNCHER_VARIABLES)
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if device is None:
-        device = f"cuda:{local}" if backend == "nccl" else "cpu"
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else env.device()   # TLCOURSE_DEVICE=cpu forces CPU
     if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local} has no GPU of its own: {torch.cuda.device_count()} GPU(s) on this "
+                               "machine. NCCL needs one GPU per process: start at most that many processes per "
+                               "machine, or train on CPU processes (TLCOURSE_DEVICE=cpu).")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    else:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if backend is None:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type != "cuda":
+        share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        limit = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(min(share, int(limit)) if limit.isdigit() and int(limit) > 0 else share)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 **({"device_id": device} if device.type == "cuda" else {}))
@@ -128,9 +135,9 @@ def shutdown() -> None:
 
 
 @contextmanager
-def process_group(backend: str | None = None, timeout_s: float = 300):
+def process_group(backend: str | None = None, timeout_s: float = 300, device: str | torch.device | None = None):
     """``with process_group() as ctx:`` — :func:`init`, and :func:`shutdown` however the block ends."""
-    ctx = init(backend, timeout_s)
+    ctx = init(backend, timeout_s, device)
     try:
         yield ctx
     finally:
@@ -159,12 +166,19 @@ def launch(fn: Callable, nproc: int, *args, monitor_interval: float = 0.2) -> li
     quiet = logging.getLogger("torch.distributed.elastic")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)   # its log repeats what WorkerFailed says, in 40 lines
+    # The launcher installs its own SIGTERM/SIGINT/... handlers in this process to stop its
+    # workers, and leaves them behind; a notebook kernel would then die with a traceback when
+    # it is shut down. Put the caller's handlers back.
+    signals = [getattr(signal, name) for name in config.signals_to_handle.split(",") if hasattr(signal, name)]
+    handlers = {s: signal.getsignal(s) for s in signals} if threading.current_thread() is threading.main_thread() else {}
     try:
         results = elastic_launch(config, fn)(*args)
     except ChildFailedError as exc:
         raise WorkerFailed(failure_message(exc)) from None
     finally:
         quiet.setLevel(level)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return [results[rank] for rank in range(nproc)]
 
 
@@ -490,6 +504,7 @@ class PhotoJob:
     layer_decay: float = 0.5
     warmup: float = 0.2
     seed: int = 0
+    device: str | None = None     # None: a GPU per process if there are GPUs, else the CPU
 
 
 def photo_worker(job: PhotoJob) -> dict:
@@ -499,7 +514,7 @@ def photo_worker(job: PhotoJob) -> dict:
     the CPU) so runs on different numbers of processes can be compared weight by weight."""
     from . import models
 
-    with process_group() as ctx:
+    with process_group(device=job.device) as ctx:
         backbone = models.efficientnet_lite0(pretrained=False)
         mean, std = models.normalization(backbone)
         train_raw, val_raw, data = finetune.course_photos(finetune.short_side_for(job.image_size), job.seed)
@@ -513,7 +528,7 @@ def photo_worker(job: PhotoJob) -> dict:
         trained = {k: v.detach().clone() for k, v in result.model.named_parameters() if v.requires_grad}
         return {"data": data, "classes": train_raw.classes, "train_images": len(train_set),
                 "val_images": len(val_set), "processes": ctx.world_size, "backend": ctx.backend,
-                "threads_per_process": torch.get_num_threads(), "val_acc": result.val_acc,
+                "device": str(ctx.device), "threads_per_process": torch.get_num_threads(), "val_acc": result.val_acc,
                 "val_acc_per_epoch": result.history["val_acc"], "train_loss": result.history["train_loss"],
                 "images_per_second": result.images_per_second, "train_seconds": result.train_seconds,
                 "steps": result.steps, "per_rank_batch": result.per_rank_batch, "trained": trained}
