@@ -31,6 +31,7 @@ NOTEBOOK_SECONDS = {
     "02_fine_tuning.ipynb": 210,
     "01_feature_extraction.ipynb": 160,
     "07_text_transfer.ipynb": 260,
+    "08_scaling_out.ipynb": 70,
 }
 
 

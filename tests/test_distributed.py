@@ -15,17 +15,25 @@ def batch():
     return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
 
 
-def test_two_processes_on_half_batches_equal_one_process_on_the_whole(batch):
+def test_two_processes_on_half_batches_equal_one_process_on_the_whole(batch, tmp_path):
     x, y = batch
     alone = distributed.gradient_step_worker(x, y, 4)
-    ranks = distributed.launch(distributed.gradient_step_worker, 2, x, y, 4)
+    ranks = distributed.launch(distributed.gradient_step_worker, 2, x, y, 4, 0.1, 1, str(tmp_path / "ddp.pt"))
     accumulated = distributed.gradient_step_worker(x, y, 4, 0.1, 2)
     start = distributed.gradient_step_worker(x, y, 0)
     for name, value in alone.items():
-        assert not torch.equal(value, start[name])                        # the steps moved it
+        if name != "logits":
+            assert not torch.equal(value, start[name])                    # the steps moved it
         torch.testing.assert_close(ranks[0][name], value, rtol=0, atol=1e-5)
         torch.testing.assert_close(ranks[1][name], ranks[0][name], rtol=0, atol=0)   # replicas stay equal
         torch.testing.assert_close(accumulated[name], value, rtol=0, atol=1e-5)
+    # The gathered evaluation: 15 rows (8 on rank 0, 7 on rank 1), each once, in order.
+    assert ranks[0]["logits"].shape == (15, 3)
+    # Rank 0 alone wrote the checkpoint, the unwrapped network's weights, complete.
+    saved = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert saved["steps"] == 4 and not list(tmp_path.glob("*.part"))
+    for name, value in saved["state_dict"].items():
+        torch.testing.assert_close(value, ranks[0][name], rtol=0, atol=0)
 
 
 def test_a_failing_rank_ends_the_job_with_its_error_in_bounded_time():

@@ -26,7 +26,8 @@ pieces, one small function each:
 With frozen BatchNorm every rank normalises with the same stored statistics, so nothing differs
 between ranks but their data. BatchNorm that *trains* normalises each rank's few images by their
 own statistics; ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` computes them over all ranks'
-images instead (one more all-reduce per BN layer per step; for timm models use
+images instead (each BN layer then exchanges statistics between the ranks in the forward and in
+the backward pass, and waits for them; for timm models use
 ``timm.layers.convert_sync_batchnorm``, which keeps the activation timm fuses into its BN layers),
 which matters when per-GPU batches are small (Wu & He 2018 show BatchNorm's error rising as the batch per GPU shrinks).
 """
@@ -109,6 +110,8 @@ def init(backend: str | None = None, timeout_s: float = 300, device: str | torch
         return Context(device=torch.device(device) if device is not None else env.device())
     rank, world, local = (int(os.environ[name]) for name in LAUNCHER_VARIABLES)
     device = torch.device(device) if device is not None else env.device()   # TLCOURSE_DEVICE=cpu forces CPU
+    if device.type not in ("cuda", "cpu"):
+        device = torch.device("cpu")   # gloo and NCCL do not reduce tensors on Apple's MPS: CPU processes there
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise RuntimeError(f"local rank {local} has no GPU of its own: {torch.cuda.device_count()} GPU(s) on this "
@@ -119,13 +122,18 @@ def init(backend: str | None = None, timeout_s: float = 300, device: str | torch
     if backend is None:
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type != "cuda":
-        share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        share = max(1, _cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         limit = os.environ.get("OMP_NUM_THREADS", "")
         torch.set_num_threads(min(share, int(limit)) if limit.isdigit() and int(limit) > 0 else share)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 **({"device_id": device} if device.type == "cuda" else {}))
     return Context(rank, world, local, device, backend)
+
+
+def _cores() -> int:
+    # The cores this process may use (SLURM and containers restrict them), not the machine's.
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def shutdown() -> None:
@@ -149,7 +157,7 @@ def launch(fn: Callable, nproc: int, *args, monitor_interval: float = 0.2) -> li
     --nproc-per-node nproc`` would; returns the ranks' return values ``[rank 0, rank 1, ...]``.
 
     The processes are *spawned*: fresh interpreters that import ``fn`` by its module and name,
-    so ``fn`` must live in a module (like :func:`finetune_worker`), not in a notebook cell; its
+    so ``fn`` must live in a module (like :func:`photo_worker`), not in a notebook cell; its
     arguments and return value are pickled. Each process finds the launcher's variables set and
     calls :func:`init` itself. When one rank raises, the launcher stops the others and this
     raises :class:`WorkerFailed` with that rank's error. The ranks' own printing goes to the
@@ -169,8 +177,10 @@ def launch(fn: Callable, nproc: int, *args, monitor_interval: float = 0.2) -> li
     # The launcher installs its own SIGTERM/SIGINT/... handlers in this process to stop its
     # workers, and leaves them behind; a notebook kernel would then die with a traceback when
     # it is shut down. Put the caller's handlers back.
-    signals = [getattr(signal, name) for name in config.signals_to_handle.split(",") if hasattr(signal, name)]
+    names = getattr(config, "signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")   # a field since torch 2.9
+    signals = [getattr(signal, name) for name in names.split(",") if hasattr(signal, name)]
     handlers = {s: signal.getsignal(s) for s in signals} if threading.current_thread() is threading.main_thread() else {}
+    handlers = {s: h for s, h in handlers.items() if h is not None}   # None: set outside Python, cannot be restored
     try:
         results = elastic_launch(config, fn)(*args)
     except ChildFailedError as exc:
@@ -294,7 +304,8 @@ def evaluate(model: nn.Module, dataset: Dataset, ctx: Context, batch_size: int =
     gathered with ``all_gather_object`` (small here: one row of logits per image).
     """
     indices = list(range(ctx.rank, len(dataset), ctx.world_size))
-    loader = train.make_loader(torch.utils.data.Subset(dataset, indices), batch_size, device=ctx.device)
+    # No worker processes: the data is decoded already, and N ranks x 8 workers per epoch would cost more.
+    loader = train.make_loader(torch.utils.data.Subset(dataset, indices), batch_size, device=ctx.device, num_workers=0)
     logits, labels = train.predict(_unwrap(model), loader, ctx.device) if indices else (None, None)
     if ctx.world_size == 1:
         return logits, labels
@@ -338,7 +349,10 @@ def split_batch(batch_size: int, world_size: int, accumulate: int = 1) -> int:
 
 @dataclass
 class DistributedResult:
-    """What :func:`fit` measured (identical on every rank)."""
+    """What :func:`fit` measured: the model, accuracies and logits are the same on every rank; the
+    times are this rank's. ``images_per_second``: all ranks' training images per second, over the
+    epochs after the first when there are several (the first also warms up); ``history`` has
+    ``train_loss``, ``train_seconds``, ``lr`` and ``val_acc`` per epoch."""
 
     model: nn.Module = field(repr=False)
     history: train.History = field(repr=False)
@@ -407,7 +421,6 @@ def fit(make_model: Callable[[], nn.Module], strategy: finetune.Strategy, train_
                         persistent_workers=_workers(device, num_workers) > 0)
     scaler = torch.amp.GradScaler("cuda") if train._needs_scaler(device, amp) else None
     history = train.History()
-    train_seconds = 0.0
     from tqdm.auto import tqdm
 
     for epoch in tqdm(range(strategy.epochs), desc="epochs", disable=not (progress and ctx.is_main)):
@@ -427,9 +440,6 @@ def fit(make_model: Callable[[], nn.Module], strategy: finetune.Strategy, train_
                 with sync:
                     with train.autocast(device, amp):
                         loss = nn.functional.cross_entropy(model(x), y)
-                    if not math.isfinite(loss.item()):
-                        raise FloatingPointError(f"rank {ctx.rank}: the loss became {loss.item()}; "
-                                                 "lower the learning rate or check the inputs")
                     scaled = loss / accumulate
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_sum += torch.stack([loss.detach().float() * len(y), torch.tensor(len(y), device=device)])
@@ -442,22 +452,29 @@ def fit(make_model: Callable[[], nn.Module], strategy: finetune.Strategy, train_
             scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        train_seconds += time.perf_counter() - start
         if ctx.world_size > 1:
             dist.all_reduce(loss_sum)
         history["train_loss"].append(float(loss_sum[0] / loss_sum[1]))
+        history["train_seconds"].append(time.perf_counter() - start)
+        # Checked once per epoch: loss.item() after every batch would make the CPU wait for the GPU.
+        if not math.isfinite(history["train_loss"][-1]):
+            raise FloatingPointError(f"the training loss became {history['train_loss'][-1]} in epoch {epoch + 1}; "
+                                     "lower the learning rate or check the inputs")
         history["lr"].append(optimizer.param_groups[0]["lr"])
         logits, labels = evaluate(model, val_set, ctx)
         history["val_acc"].append(float((logits.argmax(1) == labels).float().mean()))
         if checkpoint is not None:
             save_checkpoint(checkpoint, model, ctx, epoch=epoch, val_acc=history["val_acc"][-1])
-    history.seconds = train_seconds
+    history.seconds = train_seconds = sum(history["train_seconds"])
     net = _unwrap(model)
     train.channels_last(net, on=False)
-    images = steps_per_epoch * batch_size * strategy.epochs
+    # Throughput after the first epoch when there are several: the first also pays for warm-up
+    # (oneDNN and cuDNN choosing kernels, workers starting).
+    timed = history["train_seconds"][1:] or history["train_seconds"]
+    throughput = steps_per_epoch * batch_size * len(timed) / sum(timed)
     return DistributedResult(net.cpu().eval(), history, history["val_acc"][-1], logits, labels, ctx.world_size,
                              batch_size, micro, accumulate, steps_per_epoch * strategy.epochs, train_seconds,
-                             images / train_seconds, finetune.trainable_parameters(net))
+                             throughput, finetune.trainable_parameters(net))
 
 
 def _workers(device: torch.device, requested: int | None) -> int:
@@ -510,8 +527,10 @@ class PhotoJob:
 def photo_worker(job: PhotoJob) -> dict:
     """One rank of a :class:`PhotoJob`: join the group, decode the photos
     (:func:`tlcourse.finetune.course_photos`), :func:`fit`, leave. Returns a summary (the same on
-    every rank): data, accuracy per epoch, throughput, and the trained weights (``trained``, on
-    the CPU) so runs on different numbers of processes can be compared weight by weight."""
+    every rank): data, accuracy per epoch, throughput, the trained weights (``trained``, on the
+    CPU) so runs on different numbers of processes can be compared weight by weight, and ``moved``:
+    the largest change of any trained weight from its start (the scale such differences are
+    measured against)."""
     from . import models
 
     with process_group(device=job.device) as ctx:
@@ -522,27 +541,36 @@ def photo_worker(job: PhotoJob) -> dict:
         val_set = val_raw.with_transform(finetune.eval_transform(job.image_size, mean, std))
         strategy = finetune.Strategy(f"last {job.blocks} group(s)", blocks=job.blocks, lr=job.lr,
                                      layer_decay=job.layer_decay, epochs=job.epochs, warmup=job.warmup)
-        result = fit(lambda: models.efficientnet_lite0(num_classes=len(train_raw.classes)), strategy, train_set,
-                     val_set, ctx, batch_size=job.batch_size, accumulate=job.accumulate, seed=job.seed,
-                     progress=False)
+        def make_model():
+            return models.efficientnet_lite0(num_classes=len(train_raw.classes))
+
+        env.seed_everything(job.seed)
+        start = dict(make_model().named_parameters())   # what fit starts from (it seeds the same way)
+        result = fit(make_model, strategy, train_set, val_set, ctx, batch_size=job.batch_size,
+                     accumulate=job.accumulate, seed=job.seed, progress=False)
         trained = {k: v.detach().clone() for k, v in result.model.named_parameters() if v.requires_grad}
+        moved = max((w - start[k]).abs().max().item() for k, w in trained.items())
         return {"data": data, "classes": train_raw.classes, "train_images": len(train_set),
                 "val_images": len(val_set), "processes": ctx.world_size, "backend": ctx.backend,
                 "device": str(ctx.device), "threads_per_process": torch.get_num_threads(), "val_acc": result.val_acc,
                 "val_acc_per_epoch": result.history["val_acc"], "train_loss": result.history["train_loss"],
                 "images_per_second": result.images_per_second, "train_seconds": result.train_seconds,
-                "steps": result.steps, "per_rank_batch": result.per_rank_batch, "trained": trained}
+                "steps": result.steps, "per_rank_batch": result.per_rank_batch, "trained": trained,
+                "moved": moved}
 
 
 
 def gradient_step_worker(batch: torch.Tensor, labels: torch.Tensor, steps: int, lr: float = 0.1,
-                         accumulate: int = 1) -> dict[str, torch.Tensor]:
-    """One rank of the equivalence check: a small seeded network, ``steps`` SGD steps, each on this
+                         accumulate: int = 1, checkpoint: str | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One rank of the equivalence check: a small network initialised from ``seed``, ``steps`` SGD steps, each on this
     rank's contiguous share of ``batch [B, D]`` (split into ``accumulate`` micro-batches); returns
-    the final parameters. Run it with :func:`launch` on 2 processes and directly on 1: the
-    parameters agree up to rounding (``tests/test_distributed.py``, chapter 08)."""
+    the final parameters, plus ``"logits"``: the trained network's logits ``[B - 1, C]`` on the
+    first ``B - 1`` rows, computed by :func:`evaluate` (an odd count with an even ``B``: the ranks
+    get unequal shares). ``checkpoint``: also :func:`save_checkpoint` there. Run it with
+    :func:`launch` on 2 processes and directly on 1: everything agrees up to rounding
+    (``tests/test_distributed.py``, chapter 08)."""
     with process_group() as ctx:
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         net = nn.Sequential(nn.Linear(batch.shape[1], 16), nn.Tanh(), nn.Linear(16, int(labels.max()) + 1))
         model = nn.parallel.DistributedDataParallel(net) if ctx.world_size > 1 else net
         opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -555,7 +583,10 @@ def gradient_step_worker(batch: torch.Tensor, labels: torch.Tensor, steps: int, 
                     (nn.functional.cross_entropy(model(x), y) / accumulate).backward()
             opt.step()
             opt.zero_grad()
-        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+        logits, _ = evaluate(model, torch.utils.data.TensorDataset(batch[:-1], labels[:-1]), ctx, batch_size=4)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, ctx, steps=steps)
+        return {**{k: v.detach().clone() for k, v in net.state_dict().items()}, "logits": logits}
 
 
 def failing_worker(fail_rank: int) -> int:
