@@ -16,7 +16,9 @@ standard library only.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -109,6 +111,56 @@ def _parallel(py: Path, rest: list[str]) -> list[str]:
     return ["-n", workers, "--dist", "loadscope", "--no-loadscope-reorder"]
 
 
+# JupyterLab's plugin that asks "Would you like to get notified about official Jupyter news?" on a
+# first start (and then fetches news from the internet): a pop-up over the landing notebook.
+ANNOUNCEMENTS = "@jupyterlab/apputils-extension:announcements"
+
+
+def lab_arguments(root: Path = ROOT) -> list[str]:
+    """``jupyter lab``'s options for the course: the file browser shows the whole course
+    (notebooks/, exercises/, ...), not only the landing notebook's folder; ``default_url`` opens the
+    landing notebook. tests/browser starts its server with these too."""
+    return [f"--ServerApp.root_dir={root}", f"--LabApp.default_url=/lab/tree/{LANDING}"]
+
+
+def write_lab_config(folder: Path) -> dict[str, str]:
+    """Write a Jupyter config folder ``folder`` whose ``labconfig/page_config.json`` disables
+    :data:`ANNOUNCEMENTS`, and return the environment that adds it to Jupyter's config path
+    (``JUPYTER_CONFIG_PATH``, ahead of the others; the learner's own settings stay in force)."""
+    labconfig = Path(folder) / "labconfig"
+    labconfig.mkdir(parents=True, exist_ok=True)
+    (labconfig / "page_config.json").write_text(json.dumps({"disabledExtensions": {ANNOUNCEMENTS: True}}))
+    paths = [str(folder), *filter(None, os.environ.get("JUPYTER_CONFIG_PATH", "").split(os.pathsep))]
+    return {**os.environ, "JUPYTER_CONFIG_PATH": os.pathsep.join(paths)}
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _lab(bindir: Path, rest: list[str]) -> int:
+    """``jupyter lab`` on the course, until it stops (Ctrl-C twice, or once and ``y``)."""
+    # Containers and cloud VMs often run as root, which JupyterLab refuses without --allow-root.
+    as_root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+    port = os.environ.get("JUPYTER_PORT", "8888")
+    if not any(a.split("=")[0] in ("--port", "--ServerApp.port") for a in rest) and port.isdigit() \
+            and _port_in_use(int(port)):
+        # Jupyter then tries other ports by itself (port_retries), but says so in one line of its log.
+        _say(f"port {port} is taken (another JupyterLab still running?): JupyterLab takes another free "
+             "port and prints its URL below")
+    env = write_lab_config(VENV / "tlcourse-lab-config")  # read by this server only (its environment)
+    proc = subprocess.Popen([str(bindir / "jupyter"), "lab", *lab_arguments(), *as_root, *rest], cwd=ROOT, env=env)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            # Jupyter got the Ctrl-C too: it asks for confirmation, then shuts its kernels down.
+            # (subprocess.call would kill it here, and print a traceback.)
+            continue
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in {"lab", "test", "setup"}:
@@ -120,12 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "setup":
         return 0
     if command == "lab":
-        # root_dir: the file browser shows the whole course (notebooks/, exercises/, ...), not
-        # only the landing notebook's folder; default_url opens the landing notebook.
-        # Containers and cloud VMs often run as root, which JupyterLab refuses without --allow-root.
-        as_root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
-        return subprocess.call([str(bindir / "jupyter"), "lab", f"--ServerApp.root_dir={ROOT}",
-                                f"--LabApp.default_url=/lab/tree/{LANDING}", *as_root, *rest], cwd=ROOT)
+        return _lab(bindir, rest)
     _default_data_dir()
     start = time.monotonic()
     code = subprocess.call([str(py), "-m", "pytest", *_parallel(py, rest), *rest], cwd=ROOT)
