@@ -32,6 +32,7 @@ NOTEBOOK_SECONDS = {
     "01_feature_extraction.ipynb": 160,
     "07_text_transfer.ipynb": 260,
     "08_scaling_out.ipynb": 70,
+    "03_domain_adaptation_keras.ipynb": 160,
 }
 
 
