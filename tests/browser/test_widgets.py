@@ -14,7 +14,12 @@ viz.temperature_slider(logits, ["cat", "dog", "fox", "owl", "bee", "ant"], k=5);
 
 
 def _figures(lab) -> list[str]:
-    return [img.get_attribute("src") for img in lab.find_all(".jp-OutputArea-output img")]
+    # Read in the page in one call: an element fetched first and read later may have been redrawn.
+    return lab.js("return [...panel.node.querySelectorAll('.jp-OutputArea-output img')].map(e => e.src);")
+
+
+def _texts(lab, css: str) -> list[str]:
+    return lab.js("return [...panel.node.querySelectorAll(arguments[0])].map(e => e.textContent.trim());", css)
 
 
 def test_temperature_slider_moves_and_redraws(lab, lab_server):
@@ -33,29 +38,31 @@ def test_temperature_slider_moves_and_redraws(lab, lab_server):
 
     driver = lab.driver
     handle = lab.wait(lambda d: lab.find_all(".widget-slider .noUi-handle"), 60, "no slider is shown")[0]
-    [readout] = lab.find_all(".widget-slider .widget-readout")
-    [label] = lab.find_all(".widget-slider .widget-label")
     before = lab.wait(lambda d: (lambda f: f if len(f) == 1 else False)(_figures(lab)), 60,
                       "no figure under the slider")
-    assert readout.text == "1.00"
+    assert _texts(lab, ".widget-slider .widget-readout") == ["1.00"]
 
     # The label in full: "temperature T", not cut to "temperat…" by a narrow description width.
-    assert label.text == "temperature T"
-    widths = lab.wait(lambda d: (lambda w: w if w[1] else False)(
-        d.execute_script("return [arguments[0].scrollWidth, arguments[0].clientWidth];", label)), 30,
-        "the slider's label is not laid out")
+    assert _texts(lab, ".widget-slider .widget-label") == ["temperature T"]
+    widths = lab.wait(lambda d: (lambda w: w if w and w[1] else False)(lab.js(
+        "const l = panel.node.querySelector('.widget-slider .widget-label');"
+        "return l ? [l.scrollWidth, l.clientWidth] : null;")), 30, "the slider's label is not laid out")
     assert widths[0] <= widths[1], f"the label is cut: {widths[0]} px of text in {widths[1]} px"
     lab.cell_node(0)
     lab.screenshot("slider_T1")
 
     # Keyboard, as a learner without a mouse: four steps of 2^0.25 to the right, T = 1 -> 2.
+    # The widget's elements may be drawn anew while the output below it changes, so each step and
+    # each check looks them up again instead of holding on to an element that may have gone stale.
     driver.execute_script("arguments[0].focus();", handle)
     for _ in range(4):
-        handle.send_keys(Keys.ARROW_RIGHT)
-    lab.wait(lambda d: readout.text == "2.00", 30, "the readout did not move from 1.00 to 2.00")
+        lab.find_all(".widget-slider .noUi-handle")[0].send_keys(Keys.ARROW_RIGHT)
+    lab.wait(lambda d: _texts(lab, ".widget-slider .widget-readout") == ["2.00"], 30,
+             "the readout did not move from 1.00 to 2.00")
     lab.wait(lambda d: (lambda f: len(f) == 1 and f != before)(_figures(lab)), 60, "the figure was not redrawn")
     lab.wait(lambda d: lab.kernel_status() == "idle", 60, "the kernel stayed busy")
     after = _figures(lab)
     assert len(after) == 1 and after != before  # one figure, replaced, not one more appended
-    assert handle.get_attribute("aria-valuenow") == "1.0"  # log2(T)
+    assert lab.js("return [...panel.node.querySelectorAll('.widget-slider .noUi-handle')]"
+                  ".map(e => e.getAttribute('aria-valuenow'));") == ["1.0"]  # log2(T)
     lab.screenshot("slider_T2")
