@@ -6,8 +6,9 @@ same photos in both frameworks, and turn them into ``tf.data`` pipelines here:
 
 1. :func:`decode_images` decodes every image **once** with TensorFlow's own decoder, resizes its
    short side to ``side`` (bicubic, antialiased), centre-crops a ``side`` x ``side`` square and
-   keeps the result as ``uint8`` (397 hymenoptera photos at 183 px: 40 MB). An unreadable file
-   raises :class:`UnreadableImage` naming it, before any training starts.
+   keeps the result as ``uint8`` (397 hymenoptera photos at 183 px: 40 MB). The whole resized photo
+   is kept too (``Decoded.photos``), for crops that may reach its sides, as chapter 04's do. An
+   unreadable file raises :class:`UnreadableImage` naming it, before any training starts.
 2. :func:`pipeline` serves batches from that array: a centre crop for evaluation, or a random
    crop plus a horizontal flip for training, seeded so two runs see the same crops. Pixels stay
    in ``[0, 255]`` (float32), as :func:`tlcourse.keras_models.efficientnet_lite0` expects.
@@ -41,11 +42,16 @@ class UnreadableImage(ValueError):
 
 @dataclass
 class Decoded:
-    """Decoded images of one split: ``images [N, side, side, 3]`` uint8, ``labels [N]`` int32."""
+    """Decoded images of one split: ``images [N, side, side, 3]`` uint8, ``labels [N]`` int32.
+
+    ``photos``: the same images before the centre crop, each ``[h, w, 3]`` uint8 with its short
+    side ``side`` (``None``: crop views from ``images``).
+    """
 
     images: np.ndarray
     labels: np.ndarray
     classes: list[str]
+    photos: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,16 +67,20 @@ def side_for(image_size: int) -> int:
     return int(math.floor(image_size / CROP_FRACTION))
 
 
-def _square(image: tf.Tensor, side: int) -> np.ndarray:
-    """``[h, w, 3]`` uint8 -> ``[side, side, 3]`` uint8: short side resized to ``side``, centre crop."""
+def _photo(image: tf.Tensor, side: int) -> np.ndarray:
+    """``[h, w, 3]`` uint8 -> uint8 with the short side resized to ``side`` (bicubic, antialiased)."""
     h, w = int(image.shape[0]), int(image.shape[1])
     scale = side / min(h, w)
     size = (max(side, round(h * scale)), max(side, round(w * scale)))
     resized = tf.image.resize(image, size, method="bicubic", antialias=True)
-    top, left = (size[0] - side) // 2, (size[1] - side) // 2
     # Bicubic overshoots a little beyond [0, 255]; clip before the cast back to bytes.
-    square = tf.clip_by_value(tf.round(resized[top:top + side, left:left + side]), 0, 255)
-    return square.numpy().astype(np.uint8)
+    return tf.clip_by_value(tf.round(resized), 0, 255).numpy().astype(np.uint8)
+
+
+def _centre(photo: np.ndarray, side: int) -> np.ndarray:
+    """The centre ``[side, side, 3]`` square of a photo whose short side is ``side``."""
+    top, left = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
+    return photo[top:top + side, left:left + side]
 
 
 def decode_images(source, side: int, progress: bool = True) -> Decoded:
@@ -85,7 +95,7 @@ def decode_images(source, side: int, progress: bool = True) -> Decoded:
 
     if isinstance(source, (str, os.PathLike)):
         source = datasets.image_folder(source)
-    images, labels = [], []
+    photos, labels = [], []
     if hasattr(source, "samples"):
         for path, label in tqdm(source.samples, desc="decoding", leave=False, disable=not progress):
             try:
@@ -95,18 +105,19 @@ def decode_images(source, side: int, progress: bool = True) -> Decoded:
                     f"TensorFlow cannot decode {path}: {exc.message.splitlines()[0]}. Remove or replace "
                     "the file (datasets.check_images lists every unreadable image of a folder)."
                 ) from None
-            images.append(_square(image, side))
+            photos.append(_photo(image, side))
             labels.append(label)
     elif hasattr(source, "images"):
         pixels = np.uint8(np.clip(np.asarray(source.images, dtype=np.float32), 0, 1) * 255)
         if pixels.ndim == 3:  # grey [N, h, w] -> RGB, as PIL's convert("RGB") does for the PyTorch side
             pixels = np.repeat(pixels[..., None], 3, axis=-1)
-        images = [_square(tf.constant(p), side) for p in pixels]
+        photos = [_photo(tf.constant(p), side) for p in pixels]
         labels = list(source.targets)
     else:
         raise TypeError(f"Cannot decode {type(source).__name__}: give an image folder, a folder path "
                         "or an array dataset from tlcourse.datasets.")
-    return Decoded(np.stack(images), np.asarray(labels, dtype=np.int32), list(source.classes))
+    return Decoded(np.stack([_centre(p, side) for p in photos]), np.asarray(labels, dtype=np.int32),
+                   list(source.classes), photos)
 
 
 def pipeline(decoded: Decoded, image_size: int, batch_size: int = 32, train: bool = False,
@@ -148,7 +159,7 @@ def pipeline(decoded: Decoded, image_size: int, batch_size: int = 32, train: boo
 
 
 def augmented_views(decoded: Decoded, views: int, size: int, scale: tuple[float, float] = (0.25, 1.0),
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                    seed: int = 0, whole_photo: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``views`` random resized crops of every image: a fixed transfer set for distillation.
 
     The Keras twin of :func:`tlcourse.distill.augmented_views`: each view covers a random
@@ -157,17 +168,26 @@ def augmented_views(decoded: Decoded, views: int, size: int, scale: tuple[float,
     ``[N * views]`` (view ``v`` of image ``i`` at ``v * N + i``). Stateless random ops seeded from
     ``seed``, so the set is the same on every run. Crops that cut most of the object away are what
     gives the teacher's soft labels something to say that the hard labels do not.
+
+    ``whole_photo`` (default): crop from the whole photo (``decoded.photos``), as torchvision's
+    ``RandomResizedCrop`` does on chapter 04's decoded photos; ``False``: from the centre square
+    (``decoded.images``), which loses the sides of a landscape photo. On the ants and bees the
+    difference decides whether distillation helps (notebook 04 K).
     """
-    n, side = len(decoded), decoded.images.shape[1]
+    if whole_photo and decoded.photos is None:
+        raise ValueError("whole_photo=True needs decoded.photos (keras_data.decode_images keeps them); "
+                         "pass whole_photo=False to crop from the centre squares")
+    n = len(decoded)
+    sources = decoded.photos if whole_photo else decoded.images
     whole = tf.constant([[[0.0, 0.0, 1.0, 1.0]]])
     out = np.empty((n * views, size, size, 3), np.uint8)
     for v in range(views):
         for i in range(n):
             rng = tf.constant([seed, v * n + i], tf.int64)
             begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
-                (side, side, 3), whole, seed=rng, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+                sources[i].shape, whole, seed=rng, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
                 area_range=scale, use_image_if_no_bounding_boxes=True)
-            crop = tf.slice(decoded.images[i], begin, extent)
+            crop = tf.slice(sources[i], begin, extent)
             crop = tf.image.resize(crop, (size, size), method="bilinear", antialias=True)
             crop = tf.image.stateless_random_flip_left_right(crop, seed=rng[::-1])
             out[v * n + i] = np.uint8(np.clip(np.round(crop.numpy()), 0, 255))
