@@ -216,3 +216,17 @@ def test_paired_datasets_are_seeded():
         np.testing.assert_array_equal(t1, t2)
         np.testing.assert_array_equal(s1.numpy()[:, 0], y1.numpy())        # labels travel with their images
         assert s1.shape == (4, 1) and t1.shape == (4, 1) and t1.numpy().min() >= 100
+
+
+def test_kernels_follow_the_seed_and_each_layer_draws_its_own():
+    """One initializer per layer (``ka.torch_kernel``): a shared unseeded instance would give every layer
+    the same random numbers and ignore ``keras.utils.set_random_seed``."""
+    def kernels(seed):
+        keras.utils.set_random_seed(seed)
+        features, head = ka.digit_net(10, 16)
+        return [layer.kernel.numpy() for model in (features, head) for layer in model.layers if hasattr(layer, "kernel")]
+    first, again, other = kernels(0), kernels(0), kernels(1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not any(np.array_equal(a, b) for a, b in zip(first, other))
+    leads = [k.ravel()[:64] / np.abs(k).max() for k in first]       # no two layers start alike
+    assert all(np.abs(leads[i] - leads[j]).max() > 0.1 for i in range(len(leads)) for j in range(i + 1, len(leads)))

@@ -33,7 +33,16 @@ ops = keras.ops
 # weights uniform with variance 1/(3 fan_in) (kaiming_uniform with a = sqrt(5)), biases uniform in
 # +-1/sqrt(fan_in); BatchNorm eps 1e-5 and momentum 0.9 (PyTorch's 0.1). Keras would use
 # Glorot-uniform, zero biases, eps 1e-3 and momentum 0.99 (too slow for a run of a few hundred steps).
-_TORCH_INIT = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+def torch_kernel():
+    """PyTorch's Conv2d/Linear weight initialisation (uniform, variance 1/(3 fan_in)): a new one per layer.
+
+    A Keras initializer made without a seed draws its seed from Python's ``random`` when it is
+    *created* and reuses it at every call. One instance shared between layers therefore gives every
+    layer the same random numbers (scaled to its fan-in), and one made when a module is imported
+    ignores ``keras.utils.set_random_seed`` and changes from process to process. Made per layer,
+    after the seed is set, each kernel is its own draw and follows the seed.
+    """
+    return keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
 
 
 def _torch_bias(fan_in: int):
@@ -209,24 +218,24 @@ def digit_net(num_classes: int = 10, image_size: int = 16, feature_dim: int = 12
     32/48 are Ganin et al. 2016's MNIST network; BatchNorm as in ``adapt.DigitNet``). Two models,
     because the adaptation losses act on the features.
     """
-    conv = dict(padding="same", kernel_initializer=_TORCH_INIT)
+    conv = dict(padding="same")
     flat = 48 * 7 * 7
     features = keras.Sequential([
         keras.Input((image_size, image_size, in_channels)),
         keras.layers.Rescaling(2.0, offset=-1.0),                       # [0, 1] -> [-1, 1]
-        keras.layers.Conv2D(32, 5, bias_initializer=_torch_bias(in_channels * 25), **conv),
+        keras.layers.Conv2D(32, 5, kernel_initializer=torch_kernel(), bias_initializer=_torch_bias(in_channels * 25), **conv),
         _batchnorm(), keras.layers.ReLU(), keras.layers.MaxPooling2D(2),
-        keras.layers.Conv2D(48, 5, bias_initializer=_torch_bias(32 * 25), **conv),
+        keras.layers.Conv2D(48, 5, kernel_initializer=torch_kernel(), bias_initializer=_torch_bias(32 * 25), **conv),
         _batchnorm(), keras.layers.ReLU(), AdaptiveMaxPooling2D(7),
         # Flattened channels-last (h, w, c), PyTorch flattens (c, h, w): the same numbers in
         # another order, which matters only when porting weights (not done here).
         keras.layers.Flatten(), keras.layers.Dropout(0.3),
-        keras.layers.Dense(feature_dim, kernel_initializer=_TORCH_INIT, bias_initializer=_torch_bias(flat)),
+        keras.layers.Dense(feature_dim, kernel_initializer=torch_kernel(), bias_initializer=_torch_bias(flat)),
         _batchnorm(), keras.layers.ReLU(),
     ], name="features")
     head = keras.Sequential([
         keras.Input((feature_dim,)),
-        keras.layers.Dense(num_classes, kernel_initializer=_TORCH_INIT, bias_initializer=_torch_bias(feature_dim)),
+        keras.layers.Dense(num_classes, kernel_initializer=torch_kernel(), bias_initializer=_torch_bias(feature_dim)),
     ], name="head")
     return features, head
 
@@ -238,9 +247,9 @@ def domain_discriminator(in_features: int = 128, hidden: int = 256) -> keras.Mod
     """
     layers = [keras.Input((in_features,))]
     for fan_in in (in_features, hidden):
-        layers += [keras.layers.Dense(hidden, kernel_initializer=_TORCH_INIT, bias_initializer=_torch_bias(fan_in)),
+        layers += [keras.layers.Dense(hidden, kernel_initializer=torch_kernel(), bias_initializer=_torch_bias(fan_in)),
                    _batchnorm(), keras.layers.ReLU()]
-    layers.append(keras.layers.Dense(1, kernel_initializer=_TORCH_INIT, bias_initializer=_torch_bias(hidden)))
+    layers.append(keras.layers.Dense(1, kernel_initializer=torch_kernel(), bias_initializer=_torch_bias(hidden)))
     return keras.Sequential(layers, name="discriminator")
 
 
