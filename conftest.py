@@ -23,7 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # last long notebook. A notebook missing here runs after these, before tests/.
 NOTEBOOK_SECONDS = {
     "05_multitask_learning.ipynb": 480,
-    "04_distillation_keras.ipynb": 400,
+    "04_distillation_keras.ipynb": 220,
     "03_domain_adaptation.ipynb": 370,
     "06_parameter_efficient_and_robust_fine_tuning.ipynb": 420,
     "04_distillation.ipynb": 250,
@@ -32,7 +32,8 @@ NOTEBOOK_SECONDS = {
     "01_feature_extraction.ipynb": 160,
     "07_text_transfer.ipynb": 260,
     "08_scaling_out.ipynb": 70,
-    "03_domain_adaptation_keras.ipynb": 160,
+    "03_domain_adaptation_keras.ipynb": 120,
+    "05_multitask_learning_keras.ipynb": 200,
 }
 
 
