@@ -562,6 +562,18 @@ def test_student_cnn_matches_the_pytorch_student():
         assert tuple(student(rng.uniform(0, 255, shape).astype(np.float32), training=False).shape) == (shape[0], 2)
 
 
+def test_student_layers_start_from_their_own_random_numbers():
+    """One initializer per layer: a shared one would start every kernel with the same numbers, scaled."""
+    keras.utils.set_random_seed(0)
+    kernels = [layer.kernel.numpy().ravel() for layer in kdist.student_cnn(2).layers if hasattr(layer, "kernel")]
+    leads = [k[:64] / np.abs(k).max() for k in kernels]
+    assert len(leads) == 5
+    assert all(np.abs(leads[i] - leads[j]).max() > 0.1 for i in range(5) for j in range(i + 1, 5))
+    keras.utils.set_random_seed(0)
+    again = [layer.kernel.numpy().ravel() for layer in kdist.student_cnn(2).layers if hasattr(layer, "kernel")]
+    assert all(np.array_equal(a, b) for a, b in zip(kernels, again))     # and the seed still decides them
+
+
 def test_port_names_the_layer_when_a_tensor_is_missing(lite0, blank_lite0):
     state = dict(lite0.state_dict())
     del state["blocks.2.1.bn2.running_var"]

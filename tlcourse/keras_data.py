@@ -171,8 +171,8 @@ def augmented_views(decoded: Decoded, views: int, size: int, scale: tuple[float,
 
     ``whole_photo`` (default): crop from the whole photo (``decoded.photos``), as torchvision's
     ``RandomResizedCrop`` does on chapter 04's decoded photos; ``False``: from the centre square
-    (``decoded.images``), which loses the sides of a landscape photo. On the ants and bees the
-    difference decides whether distillation helps (notebook 04 K).
+    (``decoded.images``), which loses the sides of a landscape photo (a quarter of the average
+    hymenoptera photo).
     """
     if whole_photo and decoded.photos is None:
         raise ValueError("whole_photo=True needs decoded.photos (keras_data.decode_images keeps them); "

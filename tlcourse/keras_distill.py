@@ -24,6 +24,7 @@ never change) and called with ``training=False`` (so its dropout is off as well)
 from __future__ import annotations
 
 from tlcourse._tf import keras, tf
+from tlcourse.keras_adapt import torch_kernel
 
 ops = keras.ops
 
@@ -145,17 +146,17 @@ def student_cnn(num_classes: int, image_size: int = 64, width: int = 16, dropout
     """
     # PyTorch's defaults, so that the two chapters train the same student: Conv2d/Linear weights
     # uniform with variance 1/(3 fan_in) (kaiming_uniform with a = sqrt(5)), the Linear bias uniform in
-    # +-1/sqrt(fan_in), BatchNorm eps 1e-5. Keras would use Glorot-uniform and eps 1e-3.
-    torch_init = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+    # +-1/sqrt(fan_in), BatchNorm eps 1e-5. Keras would use Glorot-uniform and eps 1e-3. One initializer
+    # per layer (torch_kernel): a shared one would start every layer from the same random numbers.
     layers = [keras.Input((None, None, 3)), keras.layers.Resizing(image_size, image_size, antialias=True),
               keras.layers.Rescaling(1 / 127.5, offset=-1.0)]
     for i, (channels, stride) in enumerate([(width, 2), (2 * width, 1), (4 * width, 1), (8 * width, 1)]):
-        layers += [keras.layers.Conv2D(channels, 3, stride, padding="same", use_bias=False, kernel_initializer=torch_init),
+        layers += [keras.layers.Conv2D(channels, 3, stride, padding="same", use_bias=False, kernel_initializer=torch_kernel()),
                    keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5), keras.layers.ReLU()]
         if i in (1, 2):
             layers.append(keras.layers.MaxPooling2D(2))
     bound = 1 / (8 * width) ** 0.5
     layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dropout(dropout),
-               keras.layers.Dense(num_classes, kernel_initializer=torch_init,
+               keras.layers.Dense(num_classes, kernel_initializer=torch_kernel(),
                                   bias_initializer=keras.initializers.RandomUniform(-bound, bound))]
     return keras.Sequential(layers, name=name)
