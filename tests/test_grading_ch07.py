@@ -134,6 +134,9 @@ WRONG = {
          "padding were always at the end"),
         (_pool(MASK, "return (token_embeddings * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1e-9)"),
          "without keepdim"),
+        (_pool("mask = attention_mask.unsqueeze_(-1).to(token_embeddings.dtype)",
+               "return (token_embeddings * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)"),
+         "changed the shape of its input attention_mask"),
     ],
     "q2": [
         (_cos("return a @ b.T"), "dot products, not cosines"),

@@ -76,6 +76,22 @@ def test_modules_keep_identity_and_state_goes_back(sessions):
     assert type(model[2]) is nn.Linear and model[2].out_features == 7 and model[2].weight is not params[4]
 
 
+def test_in_place_changes_to_a_tensor_go_back_to_the_same_object(sessions):
+    """Values and shape: a learner's ``mask.unsqueeze_(-1)`` reshapes the checker's own tensor."""
+    checker, worker = sessions
+    mask, weights = torch.ones(2, 5, dtype=torch.long), torch.zeros(3, requires_grad=True)
+    got_mask, got_weights = _send(checker, worker, (mask, weights), True)
+    got_mask.unsqueeze_(-1)
+    got_mask[0, 0, 0] = 7
+    with torch.no_grad():
+        got_weights.add_(1.5)
+    back_mask, back_weights = _send(worker, checker, (got_mask, got_weights), False)
+    assert back_mask is mask and mask.shape == (2, 5, 1) and mask[0, 0, 0] == 7 and mask.sum() == 16
+    assert back_weights is weights and weights.requires_grad and torch.equal(weights.detach(), torch.full((3,), 1.5))
+    again = _send(checker, worker, mask, True)    # and the next call sees the new shape
+    assert again is got_mask and again.shape == (2, 5, 1)
+
+
 def test_a_learner_class_becomes_a_mirror_whose_forward_runs_remotely(sessions):
     checker, worker = sessions
 

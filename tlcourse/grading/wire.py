@@ -23,7 +23,8 @@ crosses gets an id, and a worker that returns (or keeps) an object it was given 
 by that id, so ``replace_head(model) is model`` and "the backbone's parameters are in
 ``model.parameters()``" hold on the checker's side. After each call the worker sends back the
 state of every module and tensor it was given, which the checker applies in place: in-place
-behaviour (a function that freezes the model it is given) is judged on that state.
+behaviour (a function that freezes the model it is given, or reshapes a tensor with ``unsqueeze_``)
+is judged on that state.
 
 Gradients cross too (:class:`RemoteCall`): a call whose inputs require grad is one node of the
 checker's autograd graph, whose backward asks the worker for the vector-Jacobian product; and a
@@ -567,9 +568,13 @@ class Decoder:
         grad = node.get("grad")
         known = self.s.objects.get(key)
         if known is not None and type(known) in (torch.Tensor, torch.nn.Parameter) and known.is_leaf \
-                and tuple(known.shape) == tuple(shape) and known.dtype == dt and (type(known) is torch.nn.Parameter) == is_param:
+                and known.dtype == dt and (type(known) is torch.nn.Parameter) == is_param:
             with torch.no_grad():
-                if not torch.equal(known, values):
+                if tuple(known.shape) != tuple(shape):
+                    # An in-place shape change on the other side (``mask.unsqueeze_(-1)``): the same
+                    # object takes the new shape, as it would have in the learner's own kernel.
+                    known.set_(values)
+                elif not torch.equal(known, values):
                     known.copy_(values)
             if known.requires_grad != rg and (rg is False or known.is_floating_point() or known.is_complex()):
                 known.requires_grad_(rg)

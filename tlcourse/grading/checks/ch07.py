@@ -28,9 +28,9 @@ Decisions:
 - q5: ``n_pairs // 2`` positive pairs (two *different* examples of one class; a class with a
   single example only appears in negative pairs), the rest negative, drawn with the learner's
   own generator seeded by ``seed``; ``ValueError`` when no positive (or no negative) pair exists.
-- "Leaves its inputs unchanged" compares values: ``tlcourse grade`` brings a tensor's values back
-  from the sandbox but not a shape changed in place (``attention_mask.unsqueeze_(-1)``), so such a
-  change passes in both views (they must agree); every test goes on with copies made before the call.
+- "Leaves its inputs unchanged" compares shapes and values: ``tlcourse grade`` brings both back from
+  the sandbox, so ``attention_mask.unsqueeze_(-1)`` fails there as it does in the notebook; every test
+  goes on with copies made before the call.
 
 Format: :mod:`tlcourse.grading.spec`.
 """
@@ -109,11 +109,13 @@ def _which(got, want, variants, atol=1e-5):
 
 
 def _unchanged(before, after, what, hint):
-    """Each input holds the values it held before the call. Values only: ``tlcourse grade`` sends a
-    tensor's values back from the sandbox, not a shape changed in place (``unsqueeze_``), and the
-    two views must agree; the tests then go on with the copies made before the call."""
+    """Each input holds the shape and values it held before the call (``tlcourse grade`` sends both
+    back from the sandbox); the tests then go on with the copies made before the call."""
     for name, (b, a) in zip(what, zip(before, after)):
-        if b.numel() != a.numel() or b.dtype != a.dtype or not torch.equal(b.reshape(-1), a.reshape(-1)):
+        if b.shape != a.shape:
+            raise AssertionError(f"your function changed the shape of its input {name} from {list(b.shape)} to "
+                                 f"{list(a.shape)} (an in-place op such as unsqueeze_): {hint}")
+        if b.dtype != a.dtype or not torch.equal(b, a):
             raise AssertionError(f"your function changed the values of its input {name}: {hint}")
 
 
