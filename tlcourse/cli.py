@@ -562,8 +562,45 @@ def _cmd_results(args) -> int:
     return 0
 
 
+def _cmd_bench_kd(args) -> int:
+    import dataclasses
+
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    try:
+        from tlcourse import _tf  # noqa: F401  (TensorFlow after torch: see tlcourse/_tf.py)
+    except ImportError as exc:
+        print(f"tlcourse bench kd needs TensorFlow and Keras 3 ({exc}): pip install -e .[tensorflow]", file=sys.stderr)
+        return 2
+    import tensorflow as tf
+    import torch
+
+    from tlcourse import distill_crossing
+
+    tf.get_logger().setLevel("ERROR")   # its retracing notices: each student run is a new model, by design
+
+    if args.threads:    # before TensorFlow runs its first op; both frameworks' numbers depend on it
+        torch.set_num_threads(args.threads)
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    settings = dataclasses.replace(distill_crossing.Settings(), **{k: v for k, v in (
+        ("views", args.views), ("epochs", args.epochs), ("teacher_epochs", args.teacher_epochs)) if v})
+    report = distill_crossing.crossing(range(args.first_seed, args.first_seed + args.seeds), settings,
+                                       device=args.device, log=lambda line: print(line, flush=True))
+    report["threads"] = torch.get_num_threads()
+    print(distill_crossing.summary_markdown(report["summary"]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     import dataclasses
+
+    if args.suite == "kd":
+        return _cmd_bench_kd(args)
 
     from tlcourse import adapt, datasets, env
 
@@ -685,13 +722,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="update README.md")
     p.set_defaults(func=_cmd_results)
 
-    p = sub.add_parser("bench", help="reproducible benchmarks (da: chapter 03's domain adaptation)",
-                       description="Run every domain-adaptation method over several seeds on digit domain pairs "
+    p = sub.add_parser("bench", help="reproducible benchmarks (da: chapter 03's domain adaptation; kd: chapter "
+                                     "04's distillation crossed with its Keras companion's)",
+                       description="da: run every domain-adaptation method over several seeds on digit domain pairs "
                                    "and print target accuracy mean ± std (with the target oracle and, for the "
                                    "anchor pairs, the published numbers). Defaults follow the profile: quick = "
                                    "the offline digits -> digits_m pair on a CPU; full = MNIST/USPS/SVHN/MNIST-M "
-                                   "(downloaded once, checksummed), meant for a GPU.")
-    p.add_argument("suite", choices=["da"], help="which benchmark (da: domain adaptation)")
+                                   "(downloaded once, checksummed), meant for a GPU. kd: for each course seed, "
+                                   "chapter 04's and 04 K's transfer sets (teacher + views), each teacher also on "
+                                   "the other's views, and both students, scratch and distilled, on all of them "
+                                   "(quick settings; needs the tensorflow extra; ~4 min per seed on one thread).")
+    p.add_argument("suite", choices=["da", "kd"], help="which benchmark (da: domain adaptation; kd: distillation)")
     p.add_argument("--pair", action="append", metavar="SOURCE:TARGET",
                    help="a domain pair (repeatable); names from tlcourse.digits.DOMAINS")
     p.add_argument("--methods", help="comma-separated subset of " + ",".join(
@@ -704,6 +745,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading a missing dataset")
     p.add_argument("--json", metavar="FILE", help="also write runs and summary as JSON")
+    p.add_argument("--first-seed", type=int, default=0, help="kd: the first course seed (default 0)")
+    p.add_argument("--views", type=_positive_int, help="kd: views per photo (default 6, as the notebooks)")
+    p.add_argument("--epochs", type=_positive_int, help="kd: student epochs (default 12)")
+    p.add_argument("--teacher-epochs", type=_positive_int, help="kd: teacher epochs (default 4)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="kd: CPU threads for torch and TensorFlow (the numbers depend on it; default: as set up)")
     p.set_defaults(func=_cmd_bench)
 
     from tlcourse.grading.commands import add_commands  # grade, exercises
