@@ -61,6 +61,9 @@ WRONG = {
         ("def extract_features(backbone, loader):\n    backbone.eval()\n    feats, labels = [], []\n"
          "    with torch.no_grad():\n        for x, y in loader:\n            feats.append(backbone(x))\n"
          "            labels.append(y)\n    return torch.cat(feats), torch.cat(labels)\n", "train mode before"),
+        # never runs the backbone: its statistics, mode and graph stay untouched, but it earns nothing
+        ("def extract_features(backbone, loader):\n    return torch.empty(0, 5), torch.empty(0, dtype=torch.long)\n",
+         "the features should have shape [10, 5]"),
     ],
     ("01", "q4"): [
         ("def accuracy(logits, labels):\n    return (logits.argmax(dim=0) == labels).float().mean().item()\n",
@@ -198,6 +201,14 @@ def test_exercise_gets_zero_with_kind_messages(graded, ch):
 def test_wrong_answer_loses_points_with_a_specific_message(graded, case):
     ch, qid, i = case
     expect_points_lost(graded[0][(i, ch)], qid, FULL[ch][qid], WRONG[(ch, qid)][i])
+
+
+def test_an_answer_that_never_runs_the_backbone_earns_nothing_on_q3(graded):
+    """Its BatchNorm statistics, mode and graph stay untouched, so without the shape asked for first
+    in every q3 test it would earn those tests' points."""
+    i = next(i for i, (source, _) in enumerate(WRONG[("01", "q3")]) if "torch.empty(0, 5)" in source)
+    q3 = next(q for q in graded[0][(i, "01")].questions if q.id == "q3")
+    assert q3.score == 0, [(t.name, t.passed) for t in q3.tests]
 
 
 def test_grading_takes_seconds(graded):

@@ -92,6 +92,21 @@ def test_in_place_changes_to_a_tensor_go_back_to_the_same_object(sessions):
     assert again is got_mask and again.shape == (2, 5, 1)
 
 
+def test_a_tensor_that_grew_or_shrank_and_a_reshaped_view_leave_the_checkers_own_alone(sessions):
+    """``x.resize_(0, 3)`` on the checker's input would turn a reference computed from it after the
+    call into an empty tensor that an empty answer equals; a view given new storage would stop sharing
+    its base's. Both come back as new tensors."""
+    checker, worker = sessions
+    x, base = torch.arange(6.0).reshape(2, 3), torch.arange(8.0)
+    view = base[2:6]
+    got_x, got_view = _send(checker, worker, (x, view), True)
+    got_x.resize_(0, 3)
+    got_view.unsqueeze_(0)
+    back_x, back_view = _send(worker, checker, (got_x, got_view), False)
+    assert back_x is not x and back_x.shape == (0, 3) and torch.equal(x, torch.arange(6.0).reshape(2, 3))
+    assert back_view is not view and back_view.shape == (1, 4) and view.shape == (4,) and view._base is base
+
+
 def test_a_learner_class_becomes_a_mirror_whose_forward_runs_remotely(sessions):
     checker, worker = sessions
 

@@ -567,12 +567,17 @@ class Decoder:
         is_param = bool(node.get("param"))
         grad = node.get("grad")
         known = self.s.objects.get(key)
+        # An in-place reshape on the other side (``mask.unsqueeze_(-1)``) reaches the same object, as
+        # in the learner's own kernel; but only one that keeps every element. A tensor that grew or
+        # shrank (``resize_``) would change data the checker still reads after the call (a reference
+        # computed from an emptied input equals an empty answer), and a view given new storage would
+        # stop sharing its base's: those arrive as new tensors and the checker's own stay as they were.
+        reshaped = known is not None and tuple(known.shape) != tuple(shape)
         if known is not None and type(known) in (torch.Tensor, torch.nn.Parameter) and known.is_leaf \
-                and known.dtype == dt and (type(known) is torch.nn.Parameter) == is_param:
+                and known.dtype == dt and (type(known) is torch.nn.Parameter) == is_param \
+                and (not reshaped or (known.numel() == values.numel() and known._base is None)):
             with torch.no_grad():
-                if tuple(known.shape) != tuple(shape):
-                    # An in-place shape change on the other side (``mask.unsqueeze_(-1)``): the same
-                    # object takes the new shape, as it would have in the learner's own kernel.
+                if reshaped:
                     known.set_(values)
                 elif not torch.equal(known, values):
                     known.copy_(values)

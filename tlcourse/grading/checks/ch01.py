@@ -188,6 +188,9 @@ def _extract(extract_features, backbone, loader):
                                  "(10 images in batches of 4); join the batches with torch.cat") from None
         raise
     feats, labels = expect_tuple(result, 2, "extract_features(backbone, loader)")
+    # Every q3 test asks for the features of all the loader's images first: otherwise an answer that
+    # never runs the backbone (and so never changes its statistics, mode or graph) would pass half of them.
+    expect_shape(expect_tensor(feats, "the features"), (len(loader.dataset), 5), "the features")
     return feats, labels
 
 
@@ -209,11 +212,10 @@ def test_q3_eval_mode_values(extract_features):
     """computes the features in eval mode, even if the backbone was in train mode"""
     loader, x, _ = _loader()
     backbone = _backbone().train()
-    reference = copy.deepcopy(backbone).eval()
+    with torch.no_grad():   # before the call: nothing the learner's code does to x can move the target
+        want = copy.deepcopy(backbone).eval()(x)
     feats, _ = _extract(extract_features, backbone, loader)
     feats = expect_tensor(feats, "the features")
-    with torch.no_grad():
-        want = reference(x)
     expect_shape(feats, want.shape, "the features")
     assert torch.allclose(feats, want, atol=1e-5), (
         "the features differ from the backbone's output in eval mode: call backbone.eval() before the loop. "

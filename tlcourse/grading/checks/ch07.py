@@ -129,9 +129,9 @@ def _mask(lengths, T, left=False):
 
 
 def _pool(masked_mean_pool, x, mask, what):
+    B, T, D = x.shape        # before the call, which may reshape x in place (a mistake reported elsewhere)
     out = masked_mean_pool(x, mask)
     got = expect_tensor(out, what)
-    B, T, D = x.shape
     if tuple(got.shape) == (B, 1, D):
         raise AssertionError(f"{what} has shape [B, 1, D] = {list(got.shape)}: sum over the tokens without keepdim "
                              f"(or squeeze it), so that the result is [B, D] = [{B}, {D}]")
