@@ -569,13 +569,13 @@ def _cmd_bench_kd(args) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     try:
         from tlcourse import _tf  # noqa: F401  (TensorFlow after torch: see tlcourse/_tf.py)
-    except ImportError as exc:
-        print(f"tlcourse bench kd needs TensorFlow and Keras 3 ({exc}): pip install -e .[tensorflow]", file=sys.stderr)
+    except (ImportError, RuntimeError) as exc:     # not installed, or Keras on another backend
+        print(f"tlcourse bench kd: {exc}", file=sys.stderr)
         return 2
     import tensorflow as tf
     import torch
 
-    from tlcourse import distill_crossing
+    from tlcourse import datasets, distill_crossing
 
     tf.get_logger().setLevel("ERROR")   # its retracing notices: each student run is a new model, by design
 
@@ -585,8 +585,13 @@ def _cmd_bench_kd(args) -> int:
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     settings = dataclasses.replace(distill_crossing.Settings(), **{k: v for k, v in (
         ("views", args.views), ("epochs", args.epochs), ("teacher_epochs", args.teacher_epochs)) if v})
-    report = distill_crossing.crossing(range(args.first_seed, args.first_seed + args.seeds), settings,
-                                       device=args.device, log=lambda line: print(line, flush=True))
+    try:
+        report = distill_crossing.crossing(range(args.first_seed, args.first_seed + args.seeds), settings,
+                                           device=args.device, log=lambda line: print(line, flush=True),
+                                           download=not args.no_download)
+    except datasets.DatasetUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     report["threads"] = torch.get_num_threads()
     print(distill_crossing.summary_markdown(report["summary"]))
     if args.json:
@@ -596,9 +601,18 @@ def _cmd_bench_kd(args) -> int:
     return 0
 
 
+_BENCH_ONLY = {"da": ("pair", "methods", "steps", "size", "limit", "profile"),
+               "kd": ("first_seed", "views", "epochs", "teacher_epochs", "threads")}
+
+
 def _cmd_bench(args) -> int:
     import dataclasses
 
+    other = "da" if args.suite == "kd" else "kd"
+    wrong = [f"--{name.replace('_', '-')}" for name in _BENCH_ONLY[other] if getattr(args, name)]
+    if wrong:       # better refused than silently ignored
+        print(f"tlcourse bench {args.suite}: {', '.join(wrong)} only apply to tlcourse bench {other}", file=sys.stderr)
+        return 2
     if args.suite == "kd":
         return _cmd_bench_kd(args)
 
@@ -737,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a domain pair (repeatable); names from tlcourse.digits.DOMAINS")
     p.add_argument("--methods", help="comma-separated subset of " + ",".join(
         ("source_only", "dann", "coral", "mmd", "adabn", "self_training")))
-    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds per method (default 3)")
+    p.add_argument("--seeds", type=_positive_int, default=3,
+                   help="da: seeds per method; kd: course seeds, from --first-seed (default 3)")
     p.add_argument("--steps", type=_positive_int, help="training steps per run (default: the profile's)")
     p.add_argument("--size", type=_positive_int, help="image side in pixels (default: the profile's)")
     p.add_argument("--limit", type=_positive_int, help="at most this many images per split of an online domain")

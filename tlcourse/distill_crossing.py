@@ -9,7 +9,7 @@ each teacher also label the other's views, and trains both students, from scratc
 distilled, on every combination: 4 transfer sets × 2 students, paired by seed. ``tlcourse bench kd``
 runs it and prints :func:`summary_markdown`.
 
-Needs the ``tensorflow`` extra (``pip install -e .[tensorflow]``). Each seed costs ~4 minutes on one
+Needs the ``tensorflow`` extra (``pip install 'tlcourse[tensorflow]'``). Each seed costs ~4 minutes on one
 CPU thread at the ``quick`` settings (two teachers ~25 s each, 12 student runs of 10-20 s).
 """
 
@@ -32,7 +32,7 @@ STUDENTS = ("torch", "keras")
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The two notebooks' ``quick`` settings (sections 1-7 of chapter 04 and of 04 K)."""
+    """The two notebooks' ``quick`` settings (chapter 04's sections 3-7, 04 K's sections 1-5)."""
     teacher_size: int = 128
     student_size: int = 64
     views: int = 6
@@ -43,21 +43,22 @@ class Settings:
     lr: float = 3e-3
 
 
-def load_data(size: int) -> tuple[str, tuple, tuple]:
+def load_data(size: int, seed: int = 0, download: bool = True) -> tuple[str, tuple, tuple]:
     """Hymenoptera decoded for both frameworks, or the bundled faces when it is not available.
 
     Returns ``(name, (torch_train, torch_val), (keras_train, keras_val))``: ``finetune.PreDecoded``
-    and ``keras_data.Decoded``, each decoded the way its notebook decodes it.
+    and ``keras_data.Decoded``, each decoded the way its notebook decodes it. The faces' train/val
+    split follows the course ``seed``, as in the notebooks; hymenoptera's split is fixed.
     """
     from tlcourse import keras_data
 
     side = finetune.short_side_for(size)
     try:
-        sources = datasets.hymenoptera("train"), datasets.hymenoptera("val")
+        sources = datasets.hymenoptera("train", download=download), datasets.hymenoptera("val", download=download)
         name = "hymenoptera"
         torch_data = tuple(finetune.PreDecoded.from_folder(s, side) for s in sources)
     except datasets.DatasetUnavailable:
-        sources = datasets.lfw_faces("train"), datasets.lfw_faces("val")
+        sources = datasets.lfw_faces("train", seed=seed), datasets.lfw_faces("val", seed=seed)
         name = "lfw_faces"
         torch_data = tuple(finetune.PreDecoded.from_dataset(s, side) for s in sources)
     keras_decoded = tuple(keras_data.decode_images(s, side, progress=False) for s in sources)
@@ -65,7 +66,11 @@ def load_data(size: int) -> tuple[str, tuple, tuple]:
 
 
 def _torch_teacher(train_raw, val_raw, seed: int, s: Settings, device):
-    """Chapter 04's teacher (section 4): EfficientNet-Lite0, last two groups, layer-wise decay, warm-up."""
+    """Chapter 04's teacher (section 3): EfficientNet-Lite0, last two groups, layer-wise decay, warm-up.
+
+    Returns ``(label, val_acc, (mean, std))``: ``label(views)`` maps ``uint8 [N, S, S, 3]`` NumPy views
+    to ``float32 [N, C]`` logits.
+    """
     mean, std = models.normalization(models.efficientnet_lite0())
     train_loader = train.make_loader(train_raw.with_transform(finetune.train_transform(s.teacher_size, mean, std)),
                                      batch_size=16, shuffle=True, device=device)
@@ -86,7 +91,10 @@ def _torch_teacher(train_raw, val_raw, seed: int, s: Settings, device):
 
 
 def _keras_teacher(train_data, val_ds, seed: int, s: Settings):
-    """04 K's teacher (section 2): the same recipe through ``keras_finetune.fine_tune``."""
+    """04 K's teacher (section 1): the same recipe through ``keras_finetune.fine_tune``.
+
+    Returns ``(label, val_acc)``, ``label`` as in :func:`_torch_teacher`.
+    """
     from tlcourse import keras_data, keras_finetune, keras_models
     from tlcourse._tf import keras, tf
 
@@ -103,7 +111,12 @@ def _keras_teacher(train_data, val_ds, seed: int, s: Settings):
 
 
 def _torch_student(views, logits, labels, alpha, seed, s: Settings, norm, val, device) -> float:
-    """Chapter 04's student run (section 6): ``distill.StudentCNN`` through ``distill.distill``."""
+    """Chapter 04's student run (section 7): ``distill.StudentCNN`` through ``distill.distill``.
+
+    ``views uint8 [N, S, S, 3]``, ``logits float32 [N, C]``, ``labels int [N]`` (NumPy); resized to the
+    student's size and normalised with the teacher's ``norm`` as chapter 04 does. Returns the accuracy
+    on ``val`` (``(inputs [M, 3, s, s], labels [M])``).
+    """
     x = distill.to_input(torch.from_numpy(views).permute(0, 3, 1, 2).contiguous(), s.student_size, *norm)
     env.seed_everything(seed)
     student = distill.StudentCNN(num_classes=int(logits.shape[1]), width=16)
@@ -113,7 +126,11 @@ def _torch_student(views, logits, labels, alpha, seed, s: Settings, norm, val, d
 
 
 def _keras_student(views, logits, labels, alpha, seed, s: Settings, val_ds) -> float:
-    """04 K's student run (section 5): ``keras_distill.student_cnn`` in a ``Distiller``."""
+    """04 K's student run (section 5): ``keras_distill.student_cnn`` in a ``Distiller``.
+
+    The same arrays as :func:`_torch_student`; the student resizes and rescales inside the model.
+    Returns the accuracy on ``val_ds`` (04 K's centre crops).
+    """
     from tlcourse import keras_distill
     from tlcourse._tf import keras, tf
 
@@ -136,7 +153,9 @@ def one_seed(seed: int, data, s: Settings = Settings(), device=None, log: Callab
     "agree": {"views/teacher": share of views whose teacher argmax is the label}, "runs": [{"views",
     "teacher", "student", "arm", "acc"}]}``. A scratch run (α = 0) ignores the logits, so it is trained
     once per (views, student) and paired with both teachers' distilled runs on those views. Students
-    are scored on their own notebook's validation crops (the centre ``teacher_size`` crop).
+    are scored on their own notebook's validation crops (the centre ``teacher_size`` crop). Every
+    student run is seeded with the course seed itself: the notebooks' first student seed
+    (``cfg.seeds(n)[0] = seed * n``) only for seed 0, so seed 0's runs are the notebooks' first pair.
     """
     import torchvision.transforms.v2.functional as TF
 
@@ -203,10 +222,17 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def crossing(seeds, s: Settings = Settings(), device=None, log: Callable[[str], None] = print) -> dict:
-    """:func:`one_seed` for every seed, and the :func:`summary`."""
-    data = load_data(s.teacher_size)
+def crossing(seeds, s: Settings = Settings(), device=None, log: Callable[[str], None] = print,
+             download: bool = True) -> dict:
+    """:func:`one_seed` for every seed, and the :func:`summary`. ``device`` is PyTorch's; TensorFlow
+    picks its own."""
+    seeds = list(seeds)
+    data = load_data(s.teacher_size, seeds[0], download)
     log(f"data: {data[0]}; settings: {s}")
-    results = [one_seed(seed, data, s, device, log) for seed in seeds]
+    results = []
+    for seed in seeds:
+        if data[0] != "hymenoptera" and seed != seeds[0]:
+            data = load_data(s.teacher_size, seed, download)   # the fallback's split follows the seed
+        results.append(one_seed(seed, data, s, device, log))
     return {"data": data[0], "settings": dataclasses.asdict(s), "seeds": list(seeds), "results": results,
             "summary": summary(results)}
