@@ -565,8 +565,6 @@ def _cmd_results(args) -> int:
 def _cmd_bench_kd(args) -> int:
     import dataclasses
 
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     try:
         from tlcourse import _tf  # noqa: F401  (TensorFlow after torch: see tlcourse/_tf.py)
     except (ImportError, RuntimeError) as exc:     # not installed, or Keras on another backend
