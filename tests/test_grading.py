@@ -55,6 +55,7 @@ def _stub(qid: str) -> str:
     return exercises.stub_source(_answer(qid), qid)
 
 
+# Returns its input: no q3 test may pass (test_q3_not_in_place once did: the input stays unchanged).
 WRONG_NORMALIZE = "def normalize(images, mean=(0.5,)*3, std=(0.5,)*3):\n    return images\n"
 # Reaches up the stack for the sandbox's reporting function and forges passes, then leaves
 # before the real tests run (the reviewer's attack): must never earn the points.
@@ -105,7 +106,7 @@ CASES = {
     "fake_printed_results": (lambda: _with_answer("q3", WRONG_NORMALIZE + (
         "import json\nprint(json.dumps({'score': 100, 'tests': [{'name': 'q3', 'score': 100, 'max_score': 3}]}))\n"
         "print('{\"kind\": \"test\", \"name\": \"test_q3_lite0_range\", \"passed\": true}')\n")),
-        {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, None),
+        {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, None),
     "writes_result_channel": (lambda: _with_answer("q3", WRONG_NORMALIZE + (
         "for fd in range(3, 64):\n    for name in ['test_q3_lite0_range', 'test_q3_per_channel', 'test_q3_not_in_place']:\n"
         "        try: open(fd, 'w', closefd=False).write('{\"kind\": \"test\", \"name\": \"%s\", \"passed\": true}\\n' % name)\n"
@@ -114,7 +115,7 @@ CASES = {
         {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "process running your code ended"),
     "patches_torch": (lambda: _with_answer("q3", WRONG_NORMALIZE + "import torch\ntorch.allclose = lambda *a, **k: True\n"
                                            "torch.equal = lambda *a, **k: True\n"),
-                      {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, None),
+                      {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, None),
     "patches_builtins": (lambda: _with_answer("q2", "import builtins\nbuiltins.type = lambda x: int\n"
                                               "def count_parameters(m, trainable_only=False):\n    return 0\n"),
                          {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "imports builtins"),
@@ -122,7 +123,7 @@ CASES = {
         "import tlcourse.grading.checks.ch00 as c, tlcourse.grading.spec as s\n"
         "c.test_q3_lite0_range = c.test_q3_per_channel = lambda *a: None\n"
         "s.expect_close = lambda *a, **k: None\n")),
-        {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, None),
+        {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, None),
     "patches_in_function": (lambda: _with_answer("q4", (
         "import torch\ndef freeze(module):\n    torch.nn.Parameter.requires_grad = False\n    return 34\n")),
         # The checker judges the state sent back: every parameter of the module given is frozen,
@@ -132,7 +133,7 @@ CASES = {
         "import torch\nclass Rigged(torch.Tensor):\n    @classmethod\n"
         "    def __torch_function__(cls, func, types, args=(), kwargs=None):\n        return True\n"
         "def normalize(images, mean=None, std=None):\n    return images.as_subclass(Rigged)\n")),
-        {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, "should be a torch.Tensor"),
+        {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "should be a torch.Tensor"),
     # Another cell's statement after `;` must not run with every question.
     "sleep_after_import": (lambda: _with_cell(None, "import time; time.sleep(999)\n"),
                            {"q1": 3, "q2": 3, "q3": 3, "q4": 4}, None),
@@ -144,11 +145,19 @@ CASES = {
         lambda: _with_cell("q2", _stub("q2"), _with_cell("q2", _answer("q2")), offset=2),
         {"q1": 3, "q2": 0, "q3": 3, "q4": 4}, "not answered yet"),
     "forges_via_frames": (lambda: _with_answer("q3", WRONG_NORMALIZE + FRAME_FORGERY),
-                          {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, "uses sys._getframe"),
+                          {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "uses sys._getframe"),
     "forges_in_helper_cell": (lambda: _with_cell(None, "import sys\ndef _helper():\n    return sys._getframe(2)\n",
                                                  _with_answer("q3", WRONG_NORMALIZE.replace(
                                                      "return images", "_helper()\n    return images"))),
-                              {"q1": 3, "q2": 3, "q3": 1, "q4": 4}, "uses sys._getframe"),
+                              {"q1": 3, "q2": 3, "q3": 0, "q4": 4}, "uses sys._getframe"),
+    # Answers that do nothing of their job but keep what a do-nothing keeps: the input unchanged (q3),
+    # the count of what is trainable (q4, nothing frozen). They earned 1 of 3 and 3 of 4 before the
+    # tests asked for the real result first.
+    "does_nothing": (lambda: _with_answer("q4", "def freeze(module):\n"
+                                                "    return sum(p.numel() for p in module.parameters() if p.requires_grad)\n",
+                                          _with_answer("q3", "def normalize(images, mean=(0.5,)*3, std=(0.5,)*3):\n"
+                                                             "    return images.clone()\n")),
+                     {"q1": 3, "q2": 3, "q3": 0, "q4": 0}, "returned 34 but left"),
     "harmless_sys": (lambda: _with_answer("q2", "import sys\nassert sys.float_info.epsilon < 1\n" + _answer("q2")),
                      {"q1": 3, "q2": 3, "q3": 3, "q4": 4}, None),
     "small_prints": (lambda: _with_answer("q1", _answer("q1").replace(
@@ -407,7 +416,7 @@ def test_tests_folder_for_hidden_tests(tmp_path):
     assert solution.score == solution.max_score == 13 + 5 + 2, grader.details(solution)
     assert [t["visibility"] for t in grader.gradescope(solution)["tests"]][3] == "after_due_date"
     # Patching the public checks module changes nothing: q3 scores as WRONG_NORMALIZE does.
-    assert _scores(patched)["q3"] == 1, grader.details(patched)
+    assert _scores(patched)["q3"] == 0, grader.details(patched)
     # The learner tried to print the hidden tests file: no line of it reaches the learner. In the
     # bubblewrap sandbox the file does not even exist for the learner's code; in the process
     # fallback it may be readable, and what is printed of it is held back.

@@ -159,6 +159,79 @@ WRONG = {
          "    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * p))\n", "clamp progress"),
     ],
 }
+
+# Hostile answers (the audit of the checks): each earned points without doing the work, by satisfying a
+# property that a function doing nothing has too, by forging what a check reads, or by changing an input
+# the check computed its answer from after the call. (chapter, question) -> [(source, text expected in a
+# failure message, the question's score it may earn)]. They join WRONG, so they are graded (and compared
+# with check() by test_check_agreement) like the others.
+HOSTILE = {
+    ("01", "q1"): [  # counts without freezing: earned q1_count and q1_same_modules_and_weights (2 of 5)
+        ("def freeze_backbone(model):\n    return sum(p.numel() for p in model.classifier.parameters())\n",
+         "returned 51, but", 0),
+    ],
+    ("01", "q2"): [  # only the out_features attribute changed: earned q2_linear_head, q2_in_features_from_model
+        # and q2_backbone_untouched (3 of 5)
+        ("def replace_head(model, num_classes):\n    model.classifier.out_features = num_classes\n    return model\n",
+         "whose weight has shape", 0),
+    ],
+    ("01", "q3"): [
+        # zeros of the right shape, the backbone never run: earned every test but the values' (4 of 6)
+        ("def extract_features(backbone, loader):\n"
+         "    return torch.zeros(len(loader.dataset), 5), loader.dataset.tensors[1].clone()\n",
+         "not the backbone's outputs", 0),
+        # wrong labels, and the loader's own labels zeroed to match them (the reference was read after the
+        # call): full marks (6 of 6)
+        ("def extract_features(backbone, loader):\n    was = backbone.training\n    backbone.eval()\n"
+         "    with torch.no_grad():\n        f = torch.cat([backbone(x) for x, _ in loader])\n    backbone.train(was)\n"
+         "    y = loader.dataset.tensors[1]\n    y.zero_()\n    return f, torch.zeros(len(y), dtype=torch.long)\n",
+         "the labels (in the loader's order)", 5),
+    ],
+    ("01", "q5"): [  # no sample at all, a ValueError for k >= 5: earned q5_reproducible_and_random,
+        # q5_global_random_state_untouched and q5_too_few_examples (3 of 5)
+        ("def sample_per_class(labels, k, seed=0):\n    if k >= 5:\n        raise ValueError('too few')\n"
+         "    return torch.tensor([seed])\n", "indices of each of the 3 classes", 0),
+    ],
+    ("02", "q2"): [
+        # one empty group: earned q2_optimizer_accepts and q2_decay_one_is_uniform (2 of 5)
+        ("def layerwise_param_groups(model, base_lr, decay):\n    return [{'params': [], 'lr': base_lr}]\n",
+         "in no group", 0),
+        # unfreezes the model, then groups every parameter: q2_only_trainable read requires_grad after the
+        # call, so the frozen parameters in the groups went unseen: full marks (5 of 5)
+        ("def layerwise_param_groups(model, base_lr, decay):\n    model.requires_grad_(True)\n"
+         "    stages = list(model.blocks)\n    by_depth = [[model.classifier]]\n"
+         "    for depth, stage in enumerate(reversed(stages), start=1):\n        parts = [stage]\n"
+         "        if depth == 1:\n            parts += [model.conv_head, model.bn2]\n"
+         "        if depth == len(stages):\n            parts += [model.conv_stem, model.bn1]\n"
+         "        by_depth.append(parts)\n"
+         "    return [{'params': [p for m in ms for p in m.parameters()], 'lr': base_lr * decay ** d}\n"
+         "            for d, ms in enumerate(by_depth)]\n", "frozen parameters are in the groups", 4),
+    ],
+    ("02", "q3"): [
+        # does nothing: earned q3_other_layers_still_train and q3_gamma_beta_still_learn (2 of 6)
+        ("def set_batchnorm_eval(model):\n    return model\n", "says nothing yet", 0),
+        # BN layers left in train mode, normalising with each batch's statistics, which are then never
+        # stored: earned everything but q3_batchnorm_in_eval_mode (4 of 6)
+        ("from torch.nn.modules.batchnorm import _BatchNorm\n\ndef set_batchnorm_eval(model):\n"
+         "    for m in model.modules():\n        if isinstance(m, _BatchNorm):\n"
+         "            m.track_running_stats = False\n    return model\n",
+         "normalise with their running statistics", 0),
+        # BN layers taken out of the model (their statistics then never move): 3 of 6
+        ("from torch.nn.modules.batchnorm import _BatchNorm\n\ndef set_batchnorm_eval(model):\n"
+         "    for parent in list(model.modules()):\n        for name, child in list(parent.named_children()):\n"
+         "            if isinstance(child, _BatchNorm):\n                parent.add_module(name, nn.Identity())\n"
+         "    return model\n", "normalise with their running statistics", 0),
+    ],
+    ("02", "q4"): [  # min_lr everywhere: earned q4_stays_at_min_after_the_end (1 of 5)
+        ("def warmup_cosine_lr(step, warmup_steps, total_steps, base_lr, min_lr=0.0):\n    return min_lr\n",
+         "0.1 at step 2", 0),
+    ],
+}
+HOSTILE_AT = {}  # (chapter, question, index in WRONG) -> the score it may earn
+for (_ch, _q), _items in HOSTILE.items():
+    for _source, _text, _score in _items:
+        HOSTILE_AT[(_ch, _q, len(WRONG[(_ch, _q)]))] = _score
+        WRONG[(_ch, _q)].append((_source, _text))
 ROUNDS = max(len(v) for v in WRONG.values())
 
 
@@ -209,6 +282,14 @@ def test_an_answer_that_never_runs_the_backbone_earns_nothing_on_q3(graded):
     i = next(i for i, (source, _) in enumerate(WRONG[("01", "q3")]) if "torch.empty(0, 5)" in source)
     q3 = next(q for q in graded[0][(i, "01")].questions if q.id == "q3")
     assert q3.score == 0, [(t.name, t.passed) for t in q3.tests]
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_AT), ids=lambda c: f"ch{c[0]}-{c[1]}-wrong{c[2]}")
+def test_hostile_answer_earns_only_what_it_should(graded, case):
+    """Each answer of HOSTILE scores at most what it really does right (0 for most)."""
+    ch, qid, i = case
+    q = next(q for q in graded[0][(i, ch)].questions if q.id == qid)
+    assert q.score == HOSTILE_AT[case], (WRONG[(ch, qid)][i][0], [(t.name, t.passed) for t in q.tests])
 
 
 def test_grading_takes_seconds(graded):

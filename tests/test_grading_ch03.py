@@ -122,6 +122,47 @@ WRONG = {
     ],
 }
 
+# Hostile answers (the audit of the checks): each earned points without doing the work, by satisfying a
+# property that a function doing nothing has too, by forging what a check reads, or by changing an input
+# the check computed its answer from after the call. question -> [(source, text expected in a failure
+# message, the question's score it may earn)]. They join WRONG, so they are graded (and compared with
+# check() by test_check_agreement) like the others.
+HOSTILE = {
+    "q1": [  # the identity function: earned q1_forward_is_identity (1 of 4)
+        ("def grad_reverse(x, lambd=1.0):\n    return x\n", "plain identity", 0),
+    ],
+    "q3": [  # a constant, and a loss that only tells equal batches apart: each earned
+        # q3_zero_and_invariant_to_the_mean (1 of 4)
+        ("def coral_loss(source, target):\n    return torch.zeros(())\n", "not a CORAL loss", 0),
+        ("def coral_loss(source, target):\n    return torch.tensor(float(not torch.equal(source, target)))\n",
+         "not a CORAL loss", 0),
+    ],
+    "q5": [  # never runs the model, writes the modes the noting layers record: earned
+        # q5_only_batchnorm_in_train_mode (1 of 4)
+        ("from torch.nn.modules.batchnorm import _BatchNorm\n\ndef adabn(model, images, batch_size=256):\n"
+         "    for m in model.modules():\n        if isinstance(m, _BatchNorm):\n            m.modes = [True]\n"
+         "        elif isinstance(m, nn.Dropout):\n            m.modes = [False]\n    return model.eval()\n",
+         "not those of a pass over the target images", 0),
+    ],
+    "q6": [
+        # zeroes the logits it is given, then answers for zeros: the reference was computed from the same
+        # tensor after the call, so q6_any_batch_and_classes and q6_matches_reference passed (1 of 2)
+        ("def pseudo_labels(logits, threshold=0.9):\n    logits.zero_()\n    n, c = logits.shape\n"
+         "    return torch.zeros(n, dtype=torch.long), torch.full((n,), 1.0 / c >= threshold)\n",
+         "differ from argmax", 0),
+        # right, but overwrites its input with the probabilities: q6_confident_argmax checked a tensor it
+        # had not passed (1.5 of 2)
+        ("def pseudo_labels(logits, threshold=0.9):\n    p = logits.softmax(dim=1)\n"
+         "    confidence, labels = p.max(dim=1)\n    logits.copy_(p)\n    return labels, confidence >= threshold\n",
+         "changed the logits it was given", 1),
+    ],
+}
+HOSTILE_AT = {}  # (question, index in WRONG) -> the score it may earn
+for _q, _items in HOSTILE.items():
+    for _source, _text, _score in _items:
+        HOSTILE_AT[(_q, len(WRONG[_q]))] = _score
+        WRONG[_q].append((_source, _text))
+
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
@@ -144,6 +185,14 @@ def test_exercise_gets_zero_with_kind_messages(graded):
 def test_wrong_answer_loses_points_with_a_specific_message(graded, case):
     qid, i = case
     expect_points_lost(graded[0][i], qid, FULL[qid], WRONG[qid][i])
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_AT), ids=lambda c: f"{c[0]}-wrong{c[1]}")
+def test_hostile_answer_earns_only_what_it_should(graded, case):
+    """Each answer of HOSTILE scores at most what it really does right (0 for most)."""
+    qid, i = case
+    q = next(q for q in graded[0][i].questions if q.id == qid)
+    assert q.score == HOSTILE_AT[case], (WRONG[qid][i][0], [(t.name, t.passed) for t in q.tests])
 
 
 def test_grading_takes_seconds(graded):

@@ -56,8 +56,9 @@ def test_q1_indices(topk_predictions):
     """gives the class indices of the k largest logits in each row, and leaves the logits unchanged"""
     logits = _logits(n=5, c=7, seed=1)
     original = logits.clone()
+    want = original.topk(2, dim=1).indices  # from our copy: the learner's code may change `logits`
     _, idx = expect_tuple(topk_predictions(logits, 2), 2, "topk_predictions(logits, 2)")
-    expect_close(expect_tensor(idx, "the indices"), logits.topk(2, dim=1).indices, "the indices")
+    expect_close(expect_tensor(idx, "the indices"), want, "the indices")
     assert torch.equal(logits, original), "the logits tensor passed in was changed; compute a new tensor instead"
 
 
@@ -124,12 +125,14 @@ def test_q3_per_channel(normalize):
 
 @points(1)
 def test_q3_not_in_place(normalize):
-    """returns a new tensor and leaves the input images unchanged"""
+    """returns a new tensor of normalised images and leaves the input images unchanged"""
     images = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
     original = images.clone()
-    normalize(images)
+    out = normalize(images)
     assert torch.equal(images, original), ("the input images were changed in place; "
                                            "compute a new tensor (no -=, /= or .sub_())")
+    # The normalised images first: a function that returns its input (or nothing) leaves it unchanged too.
+    expect_close(expect_tensor(out, "normalize(images)"), original * 2 - 1, "normalize(images)")
 
 
 # --- q4: freeze(module) -> number of parameter values frozen ------------------------------
@@ -156,18 +159,26 @@ def test_q4_all_frozen(freeze):
 @points(1)
 def test_q4_count(freeze):
     """returns how many parameter values it froze, as an int"""
-    n = expect_int(freeze(_net()), "freeze(model)")
+    model = _net()
+    params = list(model.parameters())
+    n = expect_int(freeze(model), "freeze(model)")
     if n == 6:
         raise AssertionError("got 6: that is the number of parameter tensors; count their values (numel)")
     assert n == 34, f"this model has 34 trainable values, so freeze should return 34, not {n}"
+    still = sum(_trainable(params))
+    assert still == 0, (f"freeze(model) returned 34 but left {still} of {len(params)} parameter tensors trainable: "
+                        "it should freeze the values it counts")
 
 
 @points(1)
 def test_q4_only_given_module(freeze):
     """freezes only the module it is given (freeze(model[0]) keeps the rest trainable)"""
     model = _net()
-    n = expect_int(freeze(model[0]), "freeze(model[0])")
+    first = list(model[0].parameters())
     rest = list(model[1].parameters()) + list(model[2].parameters())
+    n = expect_int(freeze(model[0]), "freeze(model[0])")
+    # model[0] frozen first: a function that freezes nothing leaves the rest trainable too.
+    assert not any(_trainable(first)), "freeze(model[0]) left model[0] trainable"
     assert all(_trainable(rest)), "freeze(model[0]) also froze layers other than model[0]"
     assert n == 16, f"model[0] is a Linear(3, 4) with 16 values; freeze(model[0]) returned {n}"
 
@@ -176,8 +187,11 @@ def test_q4_only_given_module(freeze):
 def test_q4_already_frozen(freeze):
     """counts only the values that were still trainable"""
     model = _net()
+    params = list(model.parameters())
     for p in model[0].parameters():
         p.requires_grad_(False)
     n = expect_int(freeze(model), "freeze(model)")
     assert n == 18, (f"16 of the 34 values were frozen already, so freeze should return 18, not {n}; "
                      "count a parameter only if its requires_grad was True")
+    still = sum(_trainable(params))
+    assert still == 0, f"freeze(model) returned 18 but left {still} parameter tensors trainable"

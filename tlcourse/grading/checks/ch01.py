@@ -59,13 +59,17 @@ def test_q1_backbone_frozen_head_trainable(freeze_backbone):
 def test_q1_count(freeze_backbone):
     """returns how many parameter values stay trainable, as an int"""
     model = TinyEfficientNet(num_classes=3, num_features=16)  # 16 * 3 + 3 = 51 values in the head
-    total = sum(p.numel() for p in model.parameters())
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
     n = expect_int(freeze_backbone(model), "freeze_backbone(model)")
     if n == 2:
         raise AssertionError("got 2: that is the number of parameter tensors left trainable; count their values (numel)")
     if n == total - 51:
         raise AssertionError(f"got {n}: that is how many values you froze; return how many stay trainable")
     assert n == 51, f"the classifier Linear(16, 3) has 51 values, so 51 stay trainable; you returned {n}"
+    # The count must describe the model: returning 51 without freezing anything is not freezing.
+    left = sum(params[name].numel() for name in _trainable_names(model, params))
+    assert left == 51, f"freeze_backbone returned 51, but {left} values of the model are still trainable"
 
 
 @points(1)
@@ -86,8 +90,13 @@ def test_q1_same_modules_and_weights(freeze_backbone):
     """changes only requires_grad: the same classifier module and the same weights"""
     model = TinyEfficientNet()
     head = model.classifier
+    params = dict(model.named_parameters())
     before = copy.deepcopy(model.state_dict())
     freeze_backbone(model)
+    # The backbone frozen first: a function that does nothing changes nothing else either.
+    left = sorted(_trainable_names(model, params) - {"classifier.weight", "classifier.bias"})
+    assert not left, (f"freeze_backbone(model) left {len(left)} backbone parameter tensors trainable (e.g. {left[0]}); "
+                      "freeze them first, then this test checks that nothing else changed")
     assert model.classifier is head, ("model.classifier was replaced by a new layer; freeze_backbone should "
                                       "only set requires_grad (replacing the head is q2's job)")
     after = model.state_dict()
@@ -96,6 +105,15 @@ def test_q1_same_modules_and_weights(freeze_backbone):
 
 
 # --- q2: replace_head(model, num_classes) -> the model with a new nn.Linear head ----------
+
+def _expect_linear_weights(head, in_features, out_features):
+    weight = tuple(head.weight.shape)
+    bias = None if head.bias is None else tuple(head.bias.shape)
+    assert weight == (out_features, in_features) and bias in (None, (out_features,)), (
+        f"model.classifier should be a new nn.Linear({in_features}, {out_features}), whose weight has shape "
+        f"[{out_features}, {in_features}]; this one's weight has shape {list(weight)}"
+        + ("" if bias in (None, (out_features,)) else f" and its bias {list(bias)}"))
+
 
 @points(2)
 def test_q2_output_shape(replace_head):
@@ -127,6 +145,8 @@ def test_q2_linear_head(replace_head):
     assert (head.in_features, head.out_features) == (24, 4), (
         f"the new head should be Linear(24, 4) for this model (24 features, 4 classes), "
         f"not Linear({head.in_features}, {head.out_features})")
+    # Its weights, not only its attributes (which any code can set): [out_features, in_features].
+    _expect_linear_weights(head, 24, 4)
 
 
 @points(1)
@@ -136,11 +156,14 @@ def test_q2_in_features_from_model(replace_head):
         model = TinyEfficientNet(num_classes=10, num_features=width)
         replace_head(model, 2)
         head = model.classifier
-        got = getattr(head, "in_features", None)
+        # The new head's weights, not an attribute: the model's own head already has in_features = width.
+        assert type(head) is nn.Linear, f"model.classifier should be an nn.Linear, but it is a {type(head).__name__}"
+        got = head.weight.shape[1] if head.weight.ndim == 2 else None
         if got == 1280:
             raise AssertionError("in_features is a hard-coded 1280 (right for EfficientNet-Lite0 only); read it "
                                  "from the old head (model.classifier.in_features) or model.num_features")
         assert got == width, f"for a backbone with {width} features the head needs in_features={width}, not {got}"
+        _expect_linear_weights(head, width, 2)
 
 
 @points(1)
@@ -150,8 +173,11 @@ def test_q2_backbone_untouched(replace_head):
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("classifier"))
     backbone = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classifier")}
-    stem = model.conv_stem
+    stem, old_head = model.conv_stem, model.classifier
     replace_head(model, 3)
+    # A new head first: a function that does nothing leaves the backbone as it was too.
+    assert model.classifier is not old_head and any(True for _ in model.classifier.parameters()), (
+        "model.classifier is still the old head (or a layer without parameters): replace it by a new nn.Linear")
     state = model.state_dict()
     changed = [k for k, v in backbone.items() if k not in state or not torch.equal(state[k], v)]
     assert not changed and model.conv_stem is stem, (
@@ -179,7 +205,13 @@ def _loader(n=10, batch_size=4):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size), x, y
 
 
-def _extract(extract_features, backbone, loader):
+def _eval_features(backbone, x):
+    """The features the learner's function should return, from our own copy, before the call."""
+    with torch.no_grad():
+        return copy.deepcopy(backbone).eval()(x)
+
+
+def _extract(extract_features, backbone, loader, want=None):
     try:
         result = extract_features(backbone, loader)
     except RuntimeError as exc:
@@ -191,6 +223,10 @@ def _extract(extract_features, backbone, loader):
     # Every q3 test asks for the features of all the loader's images first: otherwise an answer that
     # never runs the backbone (and so never changes its statistics, mode or graph) would pass half of them.
     expect_shape(expect_tensor(feats, "the features"), (len(loader.dataset), 5), "the features")
+    # And their values (``want``: eval mode, computed before the call): zeros of that shape never ran it either.
+    if want is not None and not torch.allclose(expect_tensor(feats, "the features").float(), want, atol=1e-5):
+        raise AssertionError("the features are not the backbone's outputs for the loader's images, in eval mode "
+                             "and in the loader's order")
     return feats, labels
 
 
@@ -198,7 +234,9 @@ def _extract(extract_features, backbone, loader):
 def test_q3_shapes_and_types(extract_features):
     """returns (features [N, D] float32, labels [N] long) for all N images, the last small batch included"""
     loader, x, y = _loader()
-    feats, labels = _extract(extract_features, _backbone(), loader)
+    y = y.clone()  # our copy: the loader's own labels reach the learner's code, which may change them
+    backbone = _backbone().eval()  # in eval mode already: this test is about the format
+    feats, labels = _extract(extract_features, backbone, loader, _eval_features(backbone, x))
     feats, labels = expect_tensor(feats, "the features"), expect_tensor(labels, "the labels")
     expect_shape(feats, (10, 5), "the features")
     expect_shape(labels, (10,), "the labels")
@@ -226,11 +264,11 @@ def test_q3_eval_mode_values(extract_features):
 @points(1)
 def test_q3_batchnorm_statistics_unchanged(extract_features):
     """leaves the backbone's BatchNorm running statistics unchanged"""
-    loader, _, _ = _loader()
+    loader, x, _ = _loader()
     backbone = _backbone().train()
     bn = backbone[1]
     mean, var = bn.running_mean.clone(), bn.running_var.clone()
-    _extract(extract_features, backbone, loader)
+    _extract(extract_features, backbone, loader, _eval_features(backbone, x))
     assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var), (
         "the BatchNorm running mean/variance changed: a forward pass in train mode updates them (even under "
         "torch.no_grad()), which slowly overwrites the pretrained statistics; use eval mode")
@@ -239,8 +277,9 @@ def test_q3_batchnorm_statistics_unchanged(extract_features):
 @points(1)
 def test_q3_no_autograd_graph(extract_features):
     """returns plain features without an autograd graph (computed under torch.no_grad())"""
-    loader, _, _ = _loader()
-    feats, _ = _extract(extract_features, _backbone(), loader)
+    loader, x, _ = _loader()
+    backbone = _backbone().eval()  # in eval mode already: this test is about the graph
+    feats, _ = _extract(extract_features, backbone, loader, _eval_features(backbone, x))
     assert type(feats) is torch.Tensor, f"the features should be a torch.Tensor, not a {type(feats).__name__}"
     assert not feats.requires_grad and feats.grad_fn is None, (
         "the features carry an autograd graph: run the backbone under torch.no_grad(). Without it PyTorch "
@@ -250,14 +289,15 @@ def test_q3_no_autograd_graph(extract_features):
 @points(1)
 def test_q3_restores_mode(extract_features):
     """leaves the backbone in the mode it was in (train stays train, eval stays eval)"""
-    loader, _, _ = _loader()
+    loader, x, _ = _loader()
     backbone = _backbone().train()
-    _extract(extract_features, backbone, loader)
+    # Eval-mode features from a backbone in train mode: a function that never switches modes keeps them too.
+    _extract(extract_features, backbone, loader, _eval_features(backbone, x))
     assert all(m.training for m in backbone.modules()), (
         "the backbone was in train mode before and is (partly) in eval mode after: remember "
         "was_training = backbone.training and call backbone.train(was_training) at the end")
     backbone.eval()
-    _extract(extract_features, backbone, loader)
+    _extract(extract_features, backbone, loader, _eval_features(backbone, x))
     assert not any(m.training for m in backbone.modules()), "the backbone was in eval mode before and not after"
 
 
@@ -350,8 +390,19 @@ def _indices(value, what="sample_per_class(labels, k, seed)"):
         value = torch.tensor(value, dtype=torch.long)
     idx = expect_tensor(value, what)
     assert idx.ndim == 1, f"{what} should be 1-D, a list of indices, but it has shape {list(idx.shape)}"
-    assert not idx.is_floating_point(), f"{what} should hold integer indices (torch.long), not {idx.dtype}"
+    assert not idx.is_floating_point() and idx.dtype != torch.bool, (
+        f"{what} should hold integer indices (torch.long), not {idx.dtype}")
     return idx
+
+
+def _expect_sample(idx, labels, k, what):
+    """``idx``: k indices of each class of ``labels`` (our copy). The tests of other properties ask for it
+    first: an answer that returns no sample (or raises) has those properties for free. (Distinct and
+    sorted is the first test's business.)"""
+    classes = int(labels.max()) + 1
+    ok = (len(idx) == k * classes and int(idx.min()) >= 0 and int(idx.max()) < len(labels)
+          and torch.bincount(labels[idx], minlength=classes).tolist() == [k] * classes)
+    assert ok, f"{what} is not {k} indices of each of the {classes} classes; see the first test"
 
 
 @points(2)
@@ -372,7 +423,11 @@ def test_q5_k_per_class(sample_per_class):
 def test_q5_reproducible_and_random(sample_per_class):
     """gives the same indices for the same seed and (almost always) other ones for another seed"""
     labels = _labels(shuffled=False)  # sorted by class, as an ImageFolder is
-    runs = [_indices(sample_per_class(labels, 3, s)).tolist() for s in (0, 0, 1, 2, 3)]
+    runs = []
+    for s in (0, 0, 1, 2, 3):
+        idx = _indices(sample_per_class(labels.clone(), 3, s))
+        _expect_sample(idx, labels, 3, f"sample_per_class(labels, 3, {s})")
+        runs.append(idx.tolist())
     assert runs[0] == runs[1], "two calls with the same seed gave different indices; the curve must be reproducible"
     first_k = [i for c in range(3) for i in range(20 * c, 20 * c + 3)]
     if all(r == first_k for r in runs):
@@ -392,7 +447,8 @@ def test_q5_global_random_state_untouched(sample_per_class):
         np_state = numpy.random.get_state()[1].copy()
     except ImportError:  # pragma: no cover
         numpy = np_state = None
-    sample_per_class(_labels(), 2, 7)
+    labels = _labels()
+    idx = _indices(sample_per_class(labels.clone(), 2, 7), "sample_per_class(labels, 2, 7)")
     assert torch.equal(torch.get_rng_state(), torch_state), (
         "torch's global random state changed: torch.manual_seed(seed) inside a helper resets the randomness of "
         "the whole notebook (shuffling, dropout, initialisation); use g = torch.Generator().manual_seed(seed) "
@@ -401,11 +457,15 @@ def test_q5_global_random_state_untouched(sample_per_class):
     if numpy is not None:
         assert (numpy.random.get_state()[1] == np_state).all(), (
             "NumPy's global random state changed (np.random.seed?); use numpy.random.default_rng(seed)")
+    _expect_sample(idx, labels, 2, "sample_per_class(labels, 2, 7)")  # a function that draws nothing keeps them too
 
 
 @points(1)
 def test_q5_too_few_examples(sample_per_class):
-    """raises ValueError when a class has fewer than k examples"""
+    """raises ValueError when a class has fewer than k examples (and samples when each has k)"""
+    enough = _labels(per_class=(10, 10, 5))  # first a sample where the smallest class has exactly k
+    _expect_sample(_indices(sample_per_class(enough.clone(), 5, 0), "sample_per_class(labels, 5, 0)"), enough, 5,
+                   "sample_per_class(labels, 5, 0) with 10, 10 and 5 examples per class")
     labels = _labels(per_class=(10, 10, 3))
     try:
         result = sample_per_class(labels, 5, 0)

@@ -149,6 +149,15 @@ def _groups(layerwise_param_groups, model, base_lr=0.01, decay=0.5):
     return groups
 
 
+def _expect_core(params, lrs):
+    """The groups hold (at least) the classifier's and every stage's parameters: the tests of other
+    properties ask for it first, since groups that hold nothing have them for free. (Every parameter,
+    conv_stem, bn1, conv_head and bn2 included, is test_q2_learning_rates' business.)"""
+    missing = {n for n in params if n.startswith(("classifier.", "blocks."))} - set(lrs)
+    assert not missing, (f"the groups should hold the model's trainable parameters; these are in no group: "
+                         f"{_describe(missing)}")
+
+
 def _lr_of(groups, params):
     """name -> list of the learning rates of the groups that hold that parameter."""
     by_id = {id(p): n for n, p in params.items()}
@@ -169,10 +178,13 @@ def test_q2_optimizer_accepts(layerwise_param_groups):
     model = TinyEfficientNet()
     params = dict(model.named_parameters())
     groups = _groups(layerwise_param_groups, model)
-    twice = sorted(n for n, lrs in _lr_of(groups, params).items() if len(lrs) > 1)
+    lrs = _lr_of(groups, params)
+    twice = sorted(n for n, v in lrs.items() if len(v) > 1)
     assert not twice, (f"{len(twice)} parameters are in more than one group (e.g. {twice[0]}); AdamW refuses "
                        "that. Build each group from its own part of the model (the head group from "
                        "model.classifier only), never from model.parameters()")
+    # AdamW also accepts groups that hold nothing, which train nothing: the head and the stages at least.
+    _expect_core(params, lrs)
     for i, g in enumerate(groups):
         assert type(g["lr"]) in (float, int) and g["lr"] >= 0, f"group {i}'s 'lr' should be a number >= 0, not {g['lr']!r}"
     try:
@@ -210,13 +222,17 @@ def test_q2_only_trainable(layerwise_param_groups):
     params = dict(model.named_parameters())
     for name, p in params.items():
         p.requires_grad_(_depth(name) <= 2)
+    # Which ones are trainable is decided here, before the call: the learner's code may change requires_grad.
+    trainable = {n for n in params if _depth(n) <= 2}
     lrs = _lr_of(_groups(layerwise_param_groups, model), params)
-    frozen = {n for n in lrs if not params[n].requires_grad}
+    frozen = set(lrs) - trainable
     assert not frozen, (f"frozen parameters are in the groups ({_describe(frozen)}); leave out those with "
                         "requires_grad=False: the optimizer only needs what it trains, and the groups then "
                         "show what is really being fine-tuned")
-    missing = {n for n, p in params.items() if p.requires_grad} - set(lrs)
+    missing = trainable - set(lrs)
     assert not missing, f"trainable parameters missing from the groups: {_describe(missing)}"
+    changed = sorted(n for n, p in params.items() if p.requires_grad != (n in trainable))
+    assert not changed, f"building the groups changed requires_grad ({_describe(changed)}); leave the model as it is"
 
 
 @points(1)
@@ -226,6 +242,7 @@ def test_q2_decay_one_is_uniform(layerwise_param_groups):
     params = dict(model.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
     lrs = _lr_of(_groups(layerwise_param_groups, model, 3e-4, 1.0), params)
+    _expect_core(params, lrs)  # no groups at all would pass the rest
     assert all(abs(v[0] - 3e-4) < 1e-15 for v in lrs.values()), "with decay = 1 every parameter should get base_lr"
     assert all(p.requires_grad for p in params.values()), "building the groups should not freeze or unfreeze anything"
     assert all(torch.equal(before[n], p) for n, p in params.items()), "building the groups changed the weights"
@@ -241,6 +258,23 @@ def _bn_net():
 
 def _bn_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _expect_bn_eval(layers, what):
+    """The backbone's BN layers (timm's BatchNormAct2d; our references, taken before the call) in eval
+    mode: the tests of what else the function leaves alone ask for it first, since a function that does
+    nothing leaves everything alone. (The BatchNorm1d after the backbone is the first test's business.)"""
+    layers = [(n, m) for n, m in layers if isinstance(m, nn.BatchNorm2d)]
+    still = [n for n, m in layers if m.training]
+    assert not still, (f"{len(still)} of the backbone's {len(layers)} BatchNorm layers are still in train mode "
+                       f"(e.g. {still[0]}), so {what} says nothing yet; the first test says what is off")
+
+
+def _forward_seeded(model, x, seed=0):
+    """``model(x)`` with the random state (dropout) fixed and the global one left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model(x)
 
 
 @points(2)
@@ -266,7 +300,9 @@ def test_q3_other_layers_still_train(set_batchnorm_eval):
     """leaves every other layer in train mode (Dropout keeps working)"""
     model = _bn_net().train()
     others = [(n, m) for n, m in model.named_modules() if not isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = _bn_layers(model)
     set_batchnorm_eval(model)
+    _expect_bn_eval(layers, "which other layers stay in train mode")
     off = [n or "the model itself" for n, m in others if not m.training]
     assert not off, (f"{len(off)} layers that are not BatchNorm are in eval mode too (e.g. {off[0]}): model.eval() "
                      "also switches Dropout off; put only the BN layers in eval mode (m.eval() on each)")
@@ -277,16 +313,30 @@ def test_q3_running_statistics_fixed(set_batchnorm_eval):
     """a training forward pass afterwards leaves every running mean, variance and batch count unchanged"""
     model = _bn_net().train()
     layers = _bn_layers(model)
+    before = {n: (m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for n, m in layers}
+    # What the model should compute: a copy of ours with its BN layers (and only them) in eval mode, or
+    # (model.eval(), whose mistake is the previous test's) with every layer in eval mode.
+    reference = _bn_net().train()
+    for _, m in _bn_layers(reference):
+        m.eval()
+    with torch.no_grad():
+        wants = [_forward_seeded(reference, _images(8)), _forward_seeded(reference.eval(), _images(8))]
     returned = set_batchnorm_eval(model)
     assert returned is model, "set_batchnorm_eval should return the model it was given"
-    before = {n: (m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for n, m in layers}
-    model(_images(8))
+    with torch.no_grad():
+        got = _forward_seeded(model, _images(8))
     moved = [n for n, m in layers if not (torch.equal(m.running_mean, before[n][0])
                                           and torch.equal(m.running_var, before[n][1])
                                           and int(m.num_batches_tracked) == before[n][2])]
     assert not moved, (f"the running statistics of {len(moved)} BN layers changed (e.g. {moved[0]}). "
                        "requires_grad=False does not stop them: running_mean and running_var are buffers, "
                        "updated by every forward pass in train mode; eval mode is what fixes them")
+    # Statistics can also stay put because they are no longer used (track_running_stats=False: each batch
+    # normalised with its own statistics) or no longer in the model: the outputs tell.
+    assert type(got) is torch.Tensor and any(got.shape == w.shape and torch.allclose(got, w, atol=1e-5)
+                                             for w in wants), (
+        "the model's outputs after set_batchnorm_eval differ from those of the same model with its BN layers in "
+        "eval mode: they should normalise with their running statistics (BN layers kept, only their mode changed)")
 
 
 @points(1)
@@ -294,7 +344,9 @@ def test_q3_gamma_beta_still_learn(set_batchnorm_eval):
     """changes only the mode: BN's weight and bias keep requires_grad and get gradients"""
     model = _bn_net().train()
     bn = model[0].bn2
+    layers = _bn_layers(model)
     set_batchnorm_eval(model)
+    _expect_bn_eval(layers, "that only their mode changed")
     model(_images(4)).sum().backward()
     assert bn.weight.requires_grad and bn.weight.grad is not None, (
         "BN's weight (gamma) no longer learns; set_batchnorm_eval should change only the mode, not requires_grad")
@@ -363,6 +415,12 @@ def test_q4_no_warmup(warmup_cosine_lr):
 @points(1)
 def test_q4_stays_at_min_after_the_end(warmup_cosine_lr):
     """stays at min_lr after total_steps (the cosine does not come back up)"""
+    # The schedule itself first (base_lr after the warm-up, halfway down at the middle): `return min_lr`
+    # stays at min_lr too.
+    start, middle = _curve(warmup_cosine_lr, 2, 10, 0.1, 0.001, steps=(2, 6))
+    assert abs(start - 0.1) < 1e-9 and abs(middle - 0.0505) < 1e-9, (
+        f"with warmup_steps=2, total_steps=10, base_lr=0.1, min_lr=0.001 the rate should be 0.1 at step 2 and "
+        f"0.0505 at step 6; you give {start:.4g} and {middle:.4g}")
     got = _curve(warmup_cosine_lr, 2, 10, 0.1, 0.001, steps=(10, 14, 18, 30))
     assert all(abs(g - 0.001) < 1e-9 for g in got), (
         f"after total_steps=10 the rate should stay at min_lr=0.001; at steps 10, 14, 18, 30 you give "

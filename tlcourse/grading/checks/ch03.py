@@ -170,9 +170,11 @@ def _backward_through(grad_reverse, x, lambd, upstream):
 @points(1)
 def test_q1_forward_is_identity(grad_reverse):
     """returns x unchanged in the forward pass (same shape, same values), for any lambd"""
+    passed_through = []
     for shape, lambd in (((5, 3), 1.0), ((2, 3, 4, 4), 0.3)):
         x = seeded_randn(*shape, seed=1)
-        y, _ = _backward_through(grad_reverse, x, lambd, torch.ones(shape))
+        y, grad = _backward_through(grad_reverse, x, lambd, torch.ones(shape))
+        passed_through.append(torch.equal(grad, torch.ones(shape)))
         if torch.allclose(y, -x) or torch.allclose(y, -lambd * x):
             raise AssertionError("the forward pass negated x: the reversal happens only in the backward pass. "
                                  "Going forward the layer is the identity, so the domain classifier sees the "
@@ -181,6 +183,11 @@ def test_q1_forward_is_identity(grad_reverse):
             raise AssertionError("the forward pass scaled x by lambd: only the gradient is scaled; "
                                  "the forward pass returns x unchanged")
         assert torch.equal(y, x), "grad_reverse(x) should return x's values unchanged (the identity)"
+    # `return x` has this forward pass too: the points are for a layer whose backward pass is its own.
+    assert not all(passed_through), (
+        "grad_reverse is the plain identity, in the backward pass too (the gradient comes back unchanged): the "
+        "forward pass is only half of the layer. Write a torch.autograd.Function whose backward returns "
+        "-lambd * grad_output")
 
 
 @points(2)
@@ -323,10 +330,20 @@ def test_q3_value(coral_loss):
 def test_q3_zero_and_invariant_to_the_mean(coral_loss):
     """is 0 for identical batches, and the same when the target batch is shifted by a constant"""
     source, target = _coral_inputs(seed=1, ns=9, nt=6, d=3)
-    same = float(expect_loss(coral_loss(source, source.clone()), "coral_loss(x, x)").detach())
+    # Computed before any call, from our own batches (the learner's code gets copies): what the loss of
+    # (source, target) may be, the right value or one of the slips test_q3_value names. A loss that is
+    # always 0 (or only tells equal batches apart) is 0 for identical batches and shift-invariant too.
+    d = source.shape[1]
+    plain = float(_reference_coral(source, target, scale=False))
+    coral_like = [float(_reference_coral(source, target, **kwargs)) for kwargs in (
+        {}, dict(unbiased=False), dict(scale=False), dict(power=1), dict(centred=False))] + [plain / (4 * d)]
+    same = float(expect_loss(coral_loss(source.clone(), source.clone()), "coral_loss(x, x)").detach())
     assert abs(same) < 1e-6, f"coral_loss(x, x) should be 0 (same covariance), not {same:.3g}"
-    base = float(expect_loss(coral_loss(source, target), "coral_loss(source, target)").detach())
-    shifted = float(expect_loss(coral_loss(source, target + torch.tensor([3.0, -2.0, 5.0])),
+    base = float(expect_loss(coral_loss(source.clone(), target.clone()), "coral_loss(source, target)").detach())
+    assert any(close(base, v) for v in coral_like), (
+        f"coral_loss(source, target) = {base:.4g} for two batches with different covariances, not a CORAL loss "
+        f"of them ({coral_like[0]:.4g}); see the first test")
+    shifted = float(expect_loss(coral_loss(source.clone(), target + torch.tensor([3.0, -2.0, 5.0])),
                                  "coral_loss(source, target + c)").detach())
     assert close(base, shifted, 1e-3, 1e-6), (
         f"shifting every target feature by a constant changed the loss from {base:.4g} to {shifted:.4g}: "
@@ -523,6 +540,16 @@ def test_q5_only_batchnorm_in_train_mode(adabn):
     still = [f"layer {n} ({type(m).__name__})" if n else "the model" for n, m in model.named_modules() if m.training]
     assert not still, (f"after adabn, {still[0]} is still in train mode: finish with model.eval(), ready to "
                        "predict on the target")
+    # The modes noted are attributes the learner's code can set without running anything: ask for the first
+    # BN layer's statistics from a real pass too (right, or one of the slips test_q5_statistics_from_the_target
+    # names; that layer comes before the Dropout and depends on no BN weight).
+    got = _statistics(model)[:1]
+    passes = [_reference_statistics(_adabn_net(), images, 8, **kwargs)[:1]
+              for kwargs in ({}, dict(cumulative=False), dict(reset=False))]
+    passes.append(_reference_statistics(_adabn_net(), images, len(images))[:1])
+    assert any(_same_statistics(got, want) for want in passes), (
+        "the BatchNorm2d layer's running statistics are not those of a pass over the target images: the model "
+        "never ran on them with that layer in train mode")
 
 
 @points(1, visibility=HIDDEN)
@@ -567,7 +594,8 @@ def _pseudo(pseudo_labels, logits, threshold):
 def test_q6_confident_argmax(pseudo_labels):
     """labels = argmax over classes; mask = the top softmax probability is at least the threshold"""
     logits = torch.tensor([[4.0, 0.0, 0.0], [1.0, 1.5, 0.0], [0.0, 0.0, 8.0], [2.5, 3.0, 2.9]])
-    labels, mask = _pseudo(pseudo_labels, logits.clone(), 0.9)
+    given = logits.clone()  # what the learner's code gets; `logits` stays ours
+    labels, mask = _pseudo(pseudo_labels, given, 0.9)
     assert labels.tolist() == [0, 1, 2, 1], (
         f"the labels should be the argmax of each row, [0, 1, 2, 1], not {labels.tolist()}")
     if mask.tolist() == [True, True, True, True]:
@@ -578,8 +606,7 @@ def test_q6_confident_argmax(pseudo_labels):
     assert mask.tolist() == [True, False, True, False], (
         f"rows 0 and 2 have a top probability ≥ 0.9 (0.965 and 0.999), rows 1 and 3 do not; the mask is "
         f"{mask.tolist()}")
-    assert torch.equal(logits, torch.tensor([[4.0, 0.0, 0.0], [1.0, 1.5, 0.0], [0.0, 0.0, 8.0], [2.5, 3.0, 2.9]])), (
-        "pseudo_labels changed the logits it was given")
+    assert torch.equal(given, logits), "pseudo_labels changed the logits it was given"
 
 
 @points(0.5)
@@ -587,8 +614,8 @@ def test_q6_any_batch_and_classes(pseudo_labels):
     """works for any batch size and number of classes: [1, 2] and [7, 10] logits"""
     for b, c, seed in ((1, 2, 11), (7, 10, 12)):
         logits = seeded_randn(b, c, seed=seed, scale=4.0)
-        labels, mask = _pseudo(pseudo_labels, logits, 0.6)
-        want_labels, want_mask = _reference_pseudo_labels(logits, 0.6)
+        want_labels, want_mask = _reference_pseudo_labels(logits, 0.6)  # before the call, from our copy
+        labels, mask = _pseudo(pseudo_labels, logits.clone(), 0.6)
         assert torch.equal(labels.long(), want_labels) and torch.equal(mask, want_mask), (
             f"for [{b}, {c}] logits the labels or the mask differ from argmax / softmax >= threshold over dim 1")
 
@@ -598,8 +625,8 @@ def test_q6_matches_reference(pseudo_labels):
     """matches the reference on random logits for thresholds 0, 0.5, 0.8 and 1.01"""
     logits = seeded_randn(40, 5, seed=8, scale=3.0)
     for threshold in (0.0, 0.5, 0.8, 1.01):
-        labels, mask = _pseudo(pseudo_labels, logits, threshold)
-        want_labels, want_mask = _reference_pseudo_labels(logits, threshold)
+        want_labels, want_mask = _reference_pseudo_labels(logits, threshold)  # from our copy, never passed
+        labels, mask = _pseudo(pseudo_labels, logits.clone(), threshold)
         expect_close(labels.long(), want_labels, f"the labels (threshold {threshold})")
         assert torch.equal(mask, want_mask), (
             f"with threshold {threshold} the mask marks {int(mask.sum())} rows, the reference "
