@@ -122,6 +122,60 @@ WRONG = {
     ],
 }
 
+# Hostile answers: each would have earned points without a correct answer (references computed after the call
+# from inputs its code changed in place, .grad written by the answer itself, properties that an answer which does
+# nothing satisfies). name -> (question, source, text expected in a failure message, tests it must not pass;
+# "all": the question scores 0). They join WRONG, so they also lose points with that message.
+HOSTILE = {
+    # ignores the labels (self-training on the student's own argmax) and writes those into the labels it was given,
+    # which the checks once read again after the call
+    "pseudo_labels": ("q2", _kd(both="pseudo = s.detach().argmax(-1)\n    with torch.no_grad():\n"
+                                     "        labels.copy_(pseudo)\n"
+                                     "    return alpha * soft + (1 - alpha) * F.cross_entropy(s, pseudo)"),
+                      "not a distillation loss",
+                      ["test_q2_with_labels", "test_q2_teacher_gets_no_gradient",
+                       "test_q2_matches_reference_values_and_gradients", "test_q2_stable_for_large_logits"]),
+    # no distillation at all: a loss that never reads the teacher sends it no gradient
+    "sum_of_logits": ("q2", "def kd_loss(student_logits, teacher_logits, labels=None, temperature=4.0, alpha=0.9):\n"
+                            "    return student_logits.sum()\n", "not a distillation loss", "all"),
+    # the teacher's logits not detached, and the gradient that reaches them cancelled through .grad
+    "cancelled_teacher_gradient": ("q2", _kd(soft=KL.replace("t.detach()", "t") + " * T * T",
+                                             none="loss = soft",
+                                             both="loss = alpha * soft + (1 - alpha) * F.cross_entropy(s, labels)\n"
+                                                  "    if t.requires_grad:\n"
+                                                  "        g, = torch.autograd.grad(loss, t, retain_graph=True)\n"
+                                                  "        t.grad = -g\n    return loss")
+                                   .replace("    if labels is None:\n        loss = soft\n    loss = ",
+                                            "    loss = soft if labels is None else "),
+                                   "a gradient reached the teacher's logits", ["test_q2_teacher_gets_no_gradient"]),
+    # not the teacher: a module without parameters has none that train
+    "identity": ("q3", _freeze("return torch.nn.Identity().eval()"), "not the teacher's 11", "all"),
+    # does nothing, and returns the model
+    "does_nothing": ("q3", _freeze("return model"), "but not frozen", "all"),
+    # the parameters turned into buffers: nothing trains, but nothing is frozen either
+    "parameters_to_buffers": ("q3", _freeze("model.eval()\n    for m in list(model.modules()):\n"
+                                            "        for name, p in list(m.named_parameters(recurse=False)):\n"
+                                            "            del m._parameters[name]\n"
+                                            "            m.register_buffer(name, p.detach().clone())\n    return model"),
+                              "turned into buffers", "all"),
+    # never looks at the student: zeroes the regressor it was given, which the checks once ran again after the call
+    "zeroed_regressor": ("q4", _hint("with torch.no_grad():\n        for p in regressor.parameters():\n"
+                                     "            p.zero_()\n    return teacher_features.detach().pow(2).mean()"),
+                         "F.mse_loss(regressor(student_features", "all"),
+    # the student's features detached, and a gradient for them written in .grad
+    "written_gradient": ("q4", _hint(f"guided = {GUIDED.replace('student_features,', 'student_features.detach(),')}\n"
+                                     "    if student_features.requires_grad:\n"
+                                     "        student_features.grad = torch.ones_like(student_features)\n"
+                                     "    return F.mse_loss(guided, teacher_features.detach())"),
+                         "no gradient reached the student's features",
+                         ["test_q4_gradients_reach_the_student_and_the_regressor_only",
+                          "test_q4_matches_reference_values_and_gradients"]),
+    # always refuses
+    "always_value_error": ("q1", _soften("raise ValueError('no')"), "your code raised ValueError", "all"),
+}
+for _qid, _source, _text, _ in HOSTILE.values():
+    WRONG[_qid].append((_source, _text))
+
 # question -> other correct ways to write the answer: each must keep full marks
 RIGHT = {
     "q1": [
@@ -158,6 +212,18 @@ RIGHT = {
 
 
 globals().update(exercise_set_tests("04", SOLUTION, FULL, WRONG, RIGHT, TIMEOUT))
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_answer_earns_nothing_from_the_tests_it_targets(graded, name):
+    qid, source, _, targets = HOSTILE[name]
+    i = WRONG[qid].index(next(v for v in WRONG[qid] if v[0] == source))
+    q = next(q for q in graded[0][("wrong", i)].questions if q.id == qid)
+    passed = sorted(t.name for t in q.tests if t.passed)
+    if targets == "all":
+        assert q.score == 0, (name, passed)
+    else:
+        assert not set(passed) & set(targets), (name, passed)
 
 
 def test_in_notebook_check_names_the_mistake_and_skips_hidden_tests():

@@ -140,6 +140,54 @@ WRONG = {
     ],
 }
 
+# Hostile answers: each would have earned points without a correct answer (a .grad written by the answer itself,
+# a call counter it can write, references computed after the call from weights its code changed in place,
+# properties that an answer which does nothing satisfies). name -> (question, source, text expected in a failure
+# message, tests it must not pass; "all": the question scores 0). They join WRONG, so they also lose points there.
+_ZERO_THE_GRAPH = ("todo, seen = [loss_a.grad_fn], set()\n    while todo:\n        fn = todo.pop()\n"
+                   "        if fn is None or fn in seen:\n            continue\n        seen.add(fn)\n"
+                   "        leaf = getattr(fn, 'variable', None)\n        if leaf is not None:\n"
+                   "            with torch.no_grad():\n                leaf.zero_()\n"
+                   "        todo.extend(f for f, _ in fn.next_functions)\n    return 0.0")
+HOSTILE = {
+    # the losses detached, and the gradient each should get written in its .grad
+    "written_gradients": ("q1", _uw(term="c * torch.exp(-s) * loss.detach() + 0.5 * s\n"
+                                         "        if loss.requires_grad:\n"
+                                         "            loss.grad = (c * torch.exp(-s)).detach()"),
+                          "no gradient reached a task's loss",
+                          ["test_q1_gradients_and_the_optimum", "test_q1_matches_reference_values_and_gradients"]),
+    # computes with a private copy of the backbone and bumps the backbone's call counter by hand
+    "private_copy_counted_by_hand": ("q3", _net(init=f"import copy\n        self.backbone = backbone\n        {HEADS}\n"
+                                                     "        self.private = [copy.deepcopy(backbone)]",
+                                                forward="f = self.private[0](x)\n        self.backbone.calls += 1\n"
+                                                        "        return {t: h(f) for t, h in self.heads.items()}"),
+                                     "the logits did not change when the backbone you were given changed",
+                                     ["test_q3_outputs", "test_q3_a_task_loss_reaches_the_backbone_and_its_own_head_only"]),
+    # runs the backbone, but the logits are random numbers of the right shape
+    "random_logits": ("q3", _net(forward="self.backbone(x)\n"
+                                         "        return {t: torch.randn(len(x), h.out_features) for t, h in self.heads.items()}"),
+                      "not random numbers",
+                      ["test_q3_outputs", "test_q3_a_task_loss_reaches_the_backbone_and_its_own_head_only",
+                       "test_q3_other_sizes_and_modes"]),
+    # a ReLU between the backbone and the heads, hidden by rewiring the backbone it was given
+    "rewired_backbone": ("q3", _net(forward="f = torch.relu(self.backbone(x))\n"
+                                            "        if not isinstance(self.backbone.fc, nn.Sequential):\n"
+                                            "            self.backbone.fc = nn.Sequential(self.backbone.fc, nn.ReLU())\n"
+                                            "        return {t: h(f) for t, h in self.heads.items()}"),
+                         None, ["test_q3_other_sizes_and_modes"]),
+    # does nothing: a number in [-1, 1], no .grad written, the graph intact
+    "returns_zero": ("q4", _cos_body("return 0.0"), "get test_q4_value right first", "all"),
+    # right only with three shared parameters; otherwise zeroes every leaf of the graph (so that the cosine is 0)
+    "zeroed_graph": ("q4", _cos_body(f"if len(shared_params) == 3:\n        def flat(loss):\n            "
+                                     + FLAT.replace("\n        ", "\n            ")
+                                     + "\n\n        a, b = flat(loss_a), flat(loss_b)\n"
+                                       "        return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-20))\n    "
+                                     + _ZERO_THE_GRAPH),
+                     "should be", "all"),
+}
+for _qid, _source, _text, _ in HOSTILE.values():
+    WRONG[_qid].append((_source, _text))
+
 # question -> other correct ways to write the answer: each must keep full marks
 RIGHT = {
     "q1": [
@@ -192,6 +240,18 @@ RIGHT = {
 globals().update(exercise_set_tests("05", SOLUTION, FULL, WRONG, RIGHT, TIMEOUT))
 
 
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_answer_earns_nothing_from_the_tests_it_targets(graded, name):
+    qid, source, _, targets = HOSTILE[name]
+    i = WRONG[qid].index(next(v for v in WRONG[qid] if v[0] == source))
+    q = next(q for q in graded[0][("wrong", i)].questions if q.id == qid)
+    passed = sorted(t.name for t in q.tests if t.passed)
+    if targets == "all":
+        assert q.score == 0, (name, passed)
+    else:
+        assert not set(passed) & set(targets), (name, passed)
+
+
 def test_in_notebook_check_names_the_mistake_and_skips_hidden_tests():
     """check() runs the visible tests only: a cosine without a clamped denominator passes it and
     loses the hidden zero-gradient test's point in grading."""
@@ -207,7 +267,7 @@ def test_in_notebook_check_names_the_mistake_and_skips_hidden_tests():
         check("q1", namespace=ns)
     text = "\n".join(err.value._render_traceback_())
     assert text.startswith("❌ q1") and "weight exp(−s) to 0" in text
-    exec(WRONG["q4"][-1][0], ns)  # NaN on a zero gradient: right wherever the gradients are not zero
+    exec(next(v for v in WRONG["q4"] if v[1] == "0 / 0")[0], ns)  # NaN on a zero gradient: right wherever it is not
     check("q4", namespace=ns)
 
 

@@ -167,6 +167,54 @@ WRONG = {
     ],
 }
 
+# Hostile answers: each would have earned points without a correct answer (references computed after the call
+# from tensors its code changed in place, a .grad written by the answer itself, a model whose layers it changed,
+# properties that an answer which does nothing satisfies). name -> (question, source, text expected in a failure
+# message, tests it must not pass; "all": the question scores 0). They join WRONG, so they also lose points there.
+HOSTILE = {
+    # scales the update by alpha, then multiplies lora_B by rank in place, so that the layer's tensors, read
+    # again after the call, made alpha / rank look right
+    "rescaled_B": ("q1", _lora(forward="self.base(x) + self.scaling * self.rank * (x @ self.lora_A.T @ self.lora_B.T)\n"
+                                       "        with torch.no_grad():\n            self.lora_B.mul_(self.rank)\n"
+                                       "        return out",
+                               scaling="alpha / rank\n        self.rank = rank").replace("return self.base(x)",
+                                                                                        "out = self.base(x)"),
+                   "scaled by alpha; scale it by alpha / rank", ["test_q1_update_scaled_by_alpha_over_rank"]),
+    # an adapter that never trains (A and B detached), with gradients for them written in .grad
+    "written_gradients": ("q1", _lora(forward="self.base(x) + self.scaling * (x @ self.lora_A.T.detach() @ "
+                                              "self.lora_B.T.detach()) + 0 * self.lora_B.sum()\n"
+                                              "        self.lora_A.grad = torch.ones_like(self.lora_A)\n"
+                                              "        self.lora_B.grad = torch.ones_like(self.lora_B)\n"
+                                              "        return out").replace("return self.base(x)", "out = self.base(x)"),
+                          "no gradient reached lora_B", ["test_q1_batches_of_sequences_no_bias_and_gradients"]),
+    # zeroes B in the layer it was given (which the checks once read again after the call), returns the base layer
+    "zeroed_B": ("q2", "def merge_lora(layer):\n    with torch.no_grad():\n        layer.lora_B.zero_()\n"
+                       "    return layer.base\n", "the update was not added", "all"),
+    # merges nothing: the layer is left alone trivially
+    "returns_the_base": ("q2", "def merge_lora(layer):\n    return layer.base\n", "get test_q2_weight_and_outputs right first",
+                         "all"),
+    # interpolates nothing: theta_1 keeps its counts
+    "returns_theta_1": ("q4", "def interpolate(theta_0, theta_1, alpha):\n    return theta_1\n", "the weights first",
+                        ["test_q4_weights_and_statistics", "test_q4_integer_buffers",
+                         "test_q4_new_tensors_extrapolation_and_other_models"]),
+    # 0 on confident logits, with a gradient of ones
+    "zero_with_a_gradient": ("q5", _tent(entropy=_entropy("return (logits - logits.detach()).sum()")), "should be",
+                             ["test_q5_entropy_value", "test_q5_entropy_stable_and_differentiable"]),
+    # adapts bn1 only, and replaces the other BatchNorm layers (so that the model's BatchNorm layers, read again
+    # after the call, were bn1 alone)
+    "other_batchnorms_removed": ("q5", ENTROPY + "\n\ndef tent_parameters(model):\n    model.requires_grad_(False)\n"
+                                 "    for name, m in list(model.named_modules()):\n"
+                                 "        if isinstance(m, nn.modules.batchnorm._BatchNorm) and name != 'bn1':\n"
+                                 "            parent, _, child = name.rpartition('.')\n"
+                                 "            model.get_submodule(parent)._modules[child] = nn.Identity()\n"
+                                 "    model.bn1.train()\n    model.bn1.requires_grad_(True)\n"
+                                 "    return [model.bn1.weight, model.bn1.bias]\n",
+                                 "it returned 2 tensors", ["test_q5_tent_parameters_returned_and_trainable",
+                                                           "test_q5_tent_normalises_by_the_batch_with_dropout_off"]),
+}
+for _qid, _source, _text, _ in HOSTILE.values():
+    WRONG[_qid].append((_source, _text))
+
 # question -> other correct ways to write the answer: each must keep full marks
 RIGHT = {
     "q1": [
@@ -224,6 +272,18 @@ RIGHT = {
 
 
 globals().update(exercise_set_tests("06", SOLUTION, FULL, WRONG, RIGHT, TIMEOUT))
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_answer_earns_nothing_from_the_tests_it_targets(graded, name):
+    qid, source, _, targets = HOSTILE[name]
+    i = WRONG[qid].index(next(v for v in WRONG[qid] if v[0] == source))
+    q = next(q for q in graded[0][("wrong", i)].questions if q.id == qid)
+    passed = sorted(t.name for t in q.tests if t.passed)
+    if targets == "all":
+        assert q.score == 0, (name, passed)
+    else:
+        assert not set(passed) & set(targets), (name, passed)
 
 
 def test_in_notebook_check_names_the_mistake_and_skips_hidden_tests():

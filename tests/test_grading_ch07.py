@@ -200,6 +200,36 @@ WRONG = {
     ],
 }
 
+# Hostile answers: each would have earned points without a correct answer (references computed after the call
+# from inputs its code changed in place, properties that an answer which does nothing satisfies). name ->
+# (question, source, text expected in a failure message, tests it must not pass; "all": the question scores 0).
+# They join WRONG, so they also lose points with that message.
+HOSTILE = {
+    # dot products where gradients are asked for, after zeroing both inputs (whose cosine, read again after the
+    # call, was then 0 everywhere, with a zero gradient); the solution elsewhere
+    "zeroed_inputs_matrix": ("q2", _cos("if a.requires_grad:", "    with torch.no_grad():", "        a.zero_()",
+                                        "        b.zero_()", "    return a @ b.T",
+                                        "a_unit = a / a.norm(dim=1, keepdim=True).clamp(min=eps)",
+                                        "b_unit = b / b.norm(dim=1, keepdim=True).clamp(min=eps)", "return a_unit @ b_unit.T"),
+                             "the wrong values", ["test_q2_gradients_and_square_matrices"]),
+    # the same for the pair loss's gradient test
+    "zeroed_inputs_pair_loss": ("q4", "def cosine_pair_loss(a, b, same):\n    if a.requires_grad:\n"
+                                      "        with torch.no_grad():\n            a.zero_()\n            b.zero_()\n"
+                                      "        return ((a * b).sum(dim=1) - same).pow(2).mean()\n"
+                                      "    cos = F.cosine_similarity(a, b, dim=1)\n    return ((cos - same) ** 2).mean()\n",
+                                "the gradient with respect to a", ["test_q4_gradients_reach_both_sides"]),
+    # one pair: a loss of 0 after zeroing the first vector (the reference once read it after the call)
+    "zeroed_single_pair": ("q4", "def cosine_pair_loss(a, b, same):\n    if len(a) == 1:\n"
+                                 "        with torch.no_grad():\n            a.zero_()\n        return (a * 0).sum()\n"
+                                 "    cos = F.cosine_similarity(a, b, dim=1)\n    return ((cos - same) ** 2).mean()\n",
+                           "on one pair should be", ["test_q4_zero_vector_dtype_and_inputs"]),
+    # draws nothing: fixed pairs leave every random state alone
+    "fixed_pairs": ("q5", "def make_pairs(labels, n_pairs, seed=0):\n    zeros = torch.zeros(n_pairs, dtype=torch.long)\n"
+                          "    return zeros, zeros.clone(), torch.zeros(n_pairs)\n", "positive pairs of", "all"),
+}
+for _qid, _source, _text, _ in HOSTILE.values():
+    WRONG[_qid].append((_source, _text))
+
 # question -> other correct ways to write the answer: each must keep full marks
 RIGHT = {
     "q1": [
@@ -263,6 +293,18 @@ RIGHT = {
 
 
 globals().update(exercise_set_tests("07", SOLUTION, FULL, WRONG, RIGHT, TIMEOUT))
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_answer_earns_nothing_from_the_tests_it_targets(graded, name):
+    qid, source, _, targets = HOSTILE[name]
+    i = WRONG[qid].index(next(v for v in WRONG[qid] if v[0] == source))
+    q = next(q for q in graded[0][("wrong", i)].questions if q.id == qid)
+    passed = sorted(t.name for t in q.tests if t.passed)
+    if targets == "all":
+        assert q.score == 0, (name, passed)
+    else:
+        assert not set(passed) & set(targets), (name, passed)
 
 
 def test_in_notebook_check_names_the_mistake_and_skips_hidden_tests():

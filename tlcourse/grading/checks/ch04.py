@@ -109,6 +109,21 @@ def _leaf(x):
     return x.detach().clone().requires_grad_(True)
 
 
+def _copy(labels):
+    """The learner's own copy of ``labels`` (or ``None``): nothing its code does to it moves a reference."""
+    return None if labels is None else labels.clone()
+
+
+def _fresh_gradients(*tensors):
+    """Forget any ``.grad`` on ``tensors`` (or the parameters of modules among them): the learner's code may
+    write one on the tensors it was given, and the gradient a test reads must be its own backward()'s."""
+    for t in tensors:
+        if isinstance(t, nn.Module):
+            t.zero_grad(set_to_none=True)
+        else:
+            t.grad = None
+
+
 # --- q1: soften(logits, temperature) -> probabilities -------------------------------------
 
 def _soften(soften, logits, temperature):
@@ -179,6 +194,7 @@ def test_q1_matches_reference_values_and_gradients(soften):
         p = soften(mine, T)
         expect_close(p, _reference_soften(logits, T), f"soften(logits, {T:g})", atol=1e-6)
         assert p.requires_grad, "soften's result is cut from the autograd graph (no_grad, .detach(), numpy?)"
+        _fresh_gradients(mine)
         (p * weights).sum().backward()
         (_reference_soften(ref, T) * weights).sum().backward()
         expect_close(mine.grad, ref.grad, f"the gradient through soften(logits, {T:g})", atol=1e-6)
@@ -188,9 +204,11 @@ def test_q1_matches_reference_values_and_gradients(soften):
 def test_q1_rejects_a_non_positive_temperature(soften):
     """raises ValueError for T = 0 and T = -1 (softmax(logits / 0) is NaN, not a distribution)"""
     logits = torch.tensor([[1.0, 2.0, 3.0]])
+    # A soften that always raises ValueError must not earn this: first a positive T, answered right.
+    expect_close(_soften(soften, logits.clone(), 2.0), _reference_soften(logits, 2.0), "soften(logits, 2)", atol=1e-6)
     for T in (0.0, -1.0):
         try:
-            soften(logits, T)
+            soften(logits.clone(), T)
         except ValueError:
             continue
         except ZeroDivisionError:
@@ -240,10 +258,36 @@ def _soft_mistakes(s, t, T, scale=1.0, extra=0.0):
     ]
 
 
+def _no_label_mistakes(s, t, T, alpha):
+    soft = float(_soft_term(s, t, T))
+    return _soft_mistakes(s, t, T) + [
+        (alpha * soft, f"with labels=None the soft term was weighted by α = {alpha:g}; without labels it is "
+                       "all there is, weight 1"),
+        ((1 - alpha) * soft, f"with labels=None the soft term was weighted by 1 − α = {1 - alpha:g}; without "
+                             "labels it is all there is, weight 1")]
+
+
+def _label_mistakes(s, t, labels, T, alpha):
+    soft, ce = float(_soft_term(s, t, T)), float(F.cross_entropy(s, labels))
+    hard = (1 - alpha) * ce
+    return [
+        ((1 - alpha) * soft + alpha * ce, "the weights are swapped: α weighs the soft (teacher) term and 1 − α "
+                                          "the cross-entropy with the labels"),
+        (alpha * soft + (1 - alpha) * float(F.cross_entropy(s / T, labels)),
+         "the cross-entropy with the labels used the softened student logits; it uses them at T = 1"),
+        (alpha * soft + (1 - alpha) * float(F.cross_entropy(t, labels)),
+         "the cross-entropy was computed on the teacher's logits; it is the student's"),
+        (alpha * soft + hard * T * T, "the cross-entropy was multiplied by T² too; only the soft term is"),
+        (soft, "the labels were ignored: with labels, add (1 − α) × the cross-entropy with them"),
+        (alpha * soft, "the labels were ignored: with labels, add (1 − α) × the cross-entropy with them"),
+        (soft + hard, "the soft term was not weighted by α"),
+    ] + _soft_mistakes(s, t, T, scale=alpha, extra=hard)
+
+
 def _kd_value(kd_loss, s, t, labels, T, alpha):
     what = f"kd_loss(s, t, {'labels' if labels is not None else 'None'}, temperature={T:g}, alpha={alpha:g})"
     try:
-        value = kd_loss(s.clone(), t.clone(), labels, temperature=T, alpha=alpha)
+        value = kd_loss(s.clone(), t.clone(), _copy(labels), temperature=T, alpha=alpha)
     except (TypeError, AttributeError) as exc:
         if labels is None:
             raise AssertionError(f"with labels=None (unlabelled transfer data) kd_loss raised "
@@ -265,12 +309,7 @@ def test_q2_soft_term(kd_loss):
     for T, alpha in ((4.0, 0.6), (2.0, 0.9)):
         got, what = _kd_value(kd_loss, s, t, None, T, alpha)
         want = float(_reference_kd(s, t, None, T, alpha))
-        soft = float(_soft_term(s, t, T))
-        message = _first_match(got, want, _soft_mistakes(s, t, T) + [
-            (alpha * soft, f"with labels=None the soft term was weighted by α = {alpha:g}; without labels it is "
-                           "all there is, weight 1"),
-            ((1 - alpha) * soft, f"with labels=None the soft term was weighted by 1 − α = {1 - alpha:g}; without "
-                                 "labels it is all there is, weight 1")])
+        message = _first_match(got, want, _no_label_mistakes(s, t, T, alpha))
         if message:
             raise AssertionError(f"{what} = {got:.5g}, not {want:.5g}: {message}")
         assert close(got, want), (f"{what} should be {want:.5g}, not {got:.5g}: T² · Σ_c p_t log(p_t / p_s) "
@@ -286,21 +325,7 @@ def test_q2_with_labels(kd_loss):
     for T, alpha in ((3.0, 0.7), (2.0, 0.25)):
         got, what = _kd_value(kd_loss, s, t, labels, T, alpha)
         want = float(_reference_kd(s, t, labels, T, alpha))
-        soft, ce = float(_soft_term(s, t, T)), float(F.cross_entropy(s, labels))
-        hard = (1 - alpha) * ce
-        variants = [
-            ((1 - alpha) * soft + alpha * ce, "the weights are swapped: α weighs the soft (teacher) term and 1 − α "
-                                              "the cross-entropy with the labels"),
-            (alpha * soft + (1 - alpha) * float(F.cross_entropy(s / T, labels)),
-             "the cross-entropy with the labels used the softened student logits; it uses them at T = 1"),
-            (alpha * soft + (1 - alpha) * float(F.cross_entropy(t, labels)),
-             "the cross-entropy was computed on the teacher's logits; it is the student's"),
-            (alpha * soft + hard * T * T, "the cross-entropy was multiplied by T² too; only the soft term is"),
-            (soft, "the labels were ignored: with labels, add (1 − α) × the cross-entropy with them"),
-            (alpha * soft, "the labels were ignored: with labels, add (1 − α) × the cross-entropy with them"),
-            (soft + hard, "the soft term was not weighted by α"),
-        ] + _soft_mistakes(s, t, T, scale=alpha, extra=hard)
-        message = _first_match(got, want, variants)
+        message = _first_match(got, want, _label_mistakes(s, t, labels, T, alpha))
         if message:
             raise AssertionError(f"{what} = {got:.5g}, not {want:.5g}: {message}")
         assert close(got, want), f"{what} should be {want:.5g}, not {got:.5g}"
@@ -315,9 +340,17 @@ def test_q2_teacher_gets_no_gradient(kd_loss):
     s, t, labels = _kd_inputs(seed=2)
     for given in (None, labels):
         student, teacher = _leaf(s), _leaf(t)
-        loss = expect_loss(kd_loss(student, teacher, given, temperature=4.0, alpha=0.5), "kd_loss(...)")
+        loss = expect_loss(kd_loss(student, teacher, _copy(given), temperature=4.0, alpha=0.5), "kd_loss(...)")
+        # Where the gradients go means something only for a distillation loss: the right one, or one with a
+        # mistake another test names (a loss that never reads the teacher sends it no gradient either).
+        got, want = float(loss.detach()), float(_reference_kd(s, t, given, 4.0, 0.5))
+        known = _no_label_mistakes(s, t, 4.0, 0.5) if given is None else _label_mistakes(s, t, given, 4.0, 0.5)
+        assert close(got, want) or any(close(got, float(v)) for v, _ in known), (
+            f"kd_loss(...) = {got:.5g} is not a distillation loss of these logits (the right value is {want:.5g}): "
+            "get test_q2_soft_term and test_q2_with_labels right first")
         assert loss.requires_grad, ("kd_loss's result is cut from the autograd graph (computed under no_grad, or "
                                     "from .detach()/.item()?): it could not train the student")
+        _fresh_gradients(student, teacher)  # what the learner's code wrote in .grad is not a gradient of the loss
         loss.backward()
         assert student.grad is not None and bool(student.grad.any()), "no gradient reached the student's logits"
         assert _no_gradient(teacher), (
@@ -335,10 +368,11 @@ def test_q2_matches_reference_values_and_gradients(kd_loss):
         s, t, labels = _kd_inputs(seed=10 + i, b=b, c=c)
         labels = labels if with_labels else None
         student, ref = _leaf(s), _leaf(s)
-        loss = expect_loss(kd_loss(student, t.clone(), labels, temperature=T, alpha=alpha), "kd_loss(...)")
+        loss = expect_loss(kd_loss(student, t.clone(), _copy(labels), temperature=T, alpha=alpha), "kd_loss(...)")
         want = _reference_kd(ref, t, labels, T, alpha)
         what = f"kd_loss on [{b}, {c}] logits, T = {T:g}, α = {alpha:g}, labels {'given' if with_labels else 'None'}"
         expect_close(loss, want, what, atol=1e-6)
+        _fresh_gradients(student)
         loss.backward()
         want.backward()
         assert student.grad is not None, f"{what}: no gradient reached the student's logits"
@@ -351,7 +385,7 @@ def test_q2_stable_for_large_logits(kd_loss):
     s, t, labels = _kd_inputs(seed=30, b=3, c=6)
     s, t = s * 100, t * 100
     for given in (None, labels):
-        value = expect_loss(kd_loss(s.clone(), t.clone(), given, temperature=1.0, alpha=0.5), "kd_loss(...)")
+        value = expect_loss(kd_loss(s.clone(), t.clone(), _copy(given), temperature=1.0, alpha=0.5), "kd_loss(...)")
         assert bool(torch.isfinite(value)), (
             "with logits in the hundreds the loss is NaN or inf: softmax underflows to 0 and log(0) = −inf. "
             "F.log_softmax computes log-probabilities without that underflow")
@@ -387,6 +421,23 @@ def _images(n=6, seed=5):
     return seeded_randn(n, 3, 6, 6, seed=seed, scale=2.0, shift=1.0)
 
 
+def _expect_the_teacher(teacher, seed=0, what="the model freeze_teacher returned"):
+    """``teacher`` still holds the teacher's parameters (the same names, the same values) and buffers:
+    a module without parameters (nn.Identity(), or parameters turned into buffers) has none to train,
+    which is not freezing them."""
+    twin = _Teacher(seed)
+    want = [name for name, _ in twin.named_parameters()]
+    got = [name for name, _ in teacher.named_parameters()]
+    assert got == want, (
+        f"{what} has {len(got)} parameter tensors, not the teacher's {len(want)} ({', '.join(want[:3])}, ...): "
+        "freezing keeps every parameter and sets requires_grad = False on it (no new model, no buffers in their place)")
+    state = teacher.state_dict()
+    changed = [k for k, v in twin.state_dict().items() if k not in state or not torch.equal(state[k], v)]
+    assert not changed, (f"{what} does not hold the teacher's weights ({changed[0]} differs): freezing changes only "
+                         "requires_grad and the modes")
+    return twin
+
+
 def _frozen(freeze_teacher, seed=0):
     """``(model, teacher)``: a fresh model and what the tests examine, the returned model (the
     model itself when nothing is returned: that costs only the test of the returned object)."""
@@ -403,6 +454,7 @@ def _frozen(freeze_teacher, seed=0):
 def test_q3_no_parameter_trains(freeze_teacher):
     """every parameter of the model, nested or at the top, has requires_grad = False"""
     _, teacher = _frozen(freeze_teacher)
+    _expect_the_teacher(teacher)
     trainable = [name for name, p in teacher.named_parameters() if p.requires_grad]
     if trainable and teacher.__dict__.get("requires_grad") is False:
         raise AssertionError("model.requires_grad = False only sets a new attribute on the Module object; "
@@ -416,6 +468,7 @@ def test_q3_no_parameter_trains(freeze_teacher):
 def test_q3_eval_mode(freeze_teacher):
     """every submodule in eval mode: Dropout off, BatchNorm statistics not updated by a forward pass"""
     _, teacher = _frozen(freeze_teacher)
+    twin = _reference_freeze(_expect_the_teacher(teacher))
     still = [name or "the model" for name, m in teacher.named_modules() if m.training]
     if still and not teacher.training:
         raise AssertionError(f"the model's flag says eval but {still[0]} is in train mode: model.training = False "
@@ -431,6 +484,8 @@ def test_q3_eval_mode(freeze_teacher):
     assert torch.equal(first, second), "two forward passes on the same images differ: is Dropout still on?"
     assert all(torch.equal(a, b) for a, b in zip(stats, teacher.buffers())), (
         "a forward pass changed BatchNorm's running statistics: the BN layers are still in train mode")
+    with torch.no_grad():
+        expect_close(first, twin(images), "the frozen teacher's outputs (against the teacher in eval mode)", atol=1e-6)
 
 
 @points(0.5)
@@ -442,6 +497,11 @@ def test_q3_returns_the_same_model(freeze_teacher):
     assert returned is model, (
         "freeze_teacher returned another object (a copy?): freeze the model you are given in place and return "
         "it, as model.eval() does. A copy doubles the teacher's memory and leaves the caller's model trainable")
+    # ... frozen: returning the model untouched is not freezing it in place
+    _expect_the_teacher(model, what="the model freeze_teacher was given")
+    assert not any(p.requires_grad for p in model.parameters()) and not any(m.training for m in model.modules()), (
+        "freeze_teacher returned the model it was given, but not frozen: in eval mode, with requires_grad = False "
+        "on every parameter")
 
 
 @points(1, visibility=HIDDEN)
@@ -450,11 +510,18 @@ def test_q3_a_training_step_leaves_the_teacher_unchanged(freeze_teacher):
     teacher = _Teacher(seed=3)
     teacher.features[0].weight.requires_grad_(False)  # partly frozen already: must stay so
     before = copy.deepcopy(teacher.state_dict())
+    names = [name for name, _ in teacher.named_parameters()]
     twin = _reference_freeze(copy.deepcopy(teacher))
     freeze_teacher(teacher)
+    assert [name for name, _ in teacher.named_parameters()] == names, (
+        "after freeze_teacher the model's parameters are not the teacher's (turned into buffers, or removed?): "
+        "freezing keeps every parameter and sets requires_grad = False on it")
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items()), (
         "freeze_teacher changed weights or running statistics; freezing changes only requires_grad and the modes")
     freeze_teacher(teacher)
+    assert [name for name, _ in teacher.named_parameters()] == names, (
+        "after a second freeze_teacher the model's parameters are not the teacher's (turned into buffers, or "
+        "removed?): freezing keeps every parameter and sets requires_grad = False on it")
     assert not any(p.requires_grad for p in teacher.parameters()), (
         "freezing the model a second time made parameters trainable again (requires_grad toggled?): set it to False")
     with torch.random.fork_rng(devices=[]):
@@ -524,10 +591,11 @@ def _hint_mistakes(guided, t):
 def test_q4_value(hint_loss):
     """returns the mean squared error between regressor(student features) and the teacher's features"""
     s, t, regressor = _hint_inputs()
+    twin = copy.deepcopy(regressor)  # before the call: what the learner's code does to its regressor moves no target
     what = "hint_loss on student [2, 3, 4, 4] and teacher [2, 5, 4, 4] features"
     got = float(_hint_value(hint_loss, s.clone(), t.clone(), regressor, what).detach())
     with torch.no_grad():
-        guided = regressor(s, size=(4, 4))
+        guided = twin(s, size=(4, 4))
         want = float(F.mse_loss(guided, t))
         message = _first_match(got, want, _hint_mistakes(guided, t))
     if message:
@@ -540,12 +608,13 @@ def test_q4_value(hint_loss):
 def test_q4_resizes_to_the_teacher_grid(hint_loss):
     """when the grids differ (student 8x8, teacher 4x4) asks the regressor for the teacher's size"""
     s, t, regressor = _hint_inputs(seed=1, hs=8, ht=4)
+    twin = copy.deepcopy(regressor)
     what = "hint_loss on student [2, 3, 8, 8] and teacher [2, 5, 4, 4] features"
     got = float(_hint_value(hint_loss, s.clone(), t.clone(), regressor, what).detach())
     with torch.no_grad():
-        want = float(F.mse_loss(regressor(s, size=(4, 4)), t))
+        want = float(F.mse_loss(twin(s, size=(4, 4)), t))
         upsampled = F.interpolate(t, size=(8, 8), mode="bilinear", align_corners=False)
-        teacher_resized = float(F.mse_loss(regressor(s), upsampled))
+        teacher_resized = float(F.mse_loss(twin(s), upsampled))
     if close(got, teacher_resized) and not close(teacher_resized, want):
         raise AssertionError(f"{what} = {got:.5g}, not {want:.5g}: the teacher's features were resized to the "
                              "student's grid; they are the target, as they are. Resize the regressed student "
@@ -561,6 +630,7 @@ def test_q4_gradients_reach_the_student_and_the_regressor_only(hint_loss):
     loss = _hint_value(hint_loss, student, teacher, regressor, "hint_loss(...)")
     assert loss.requires_grad, ("hint_loss's result is cut from the autograd graph (no_grad, .detach(), .item()?): "
                                 "it could train neither the student nor the regressor")
+    _fresh_gradients(student, teacher, regressor)  # the gradients read below are this backward()'s alone
     loss.backward()
     assert student.grad is not None and bool(student.grad.any()), (
         "no gradient reached the student's features: the hint trains the student's first layers (do not detach them)")
@@ -581,6 +651,7 @@ def test_q4_matches_reference_values_and_gradients(hint_loss):
         loss = _hint_value(hint_loss, student, t.clone(), regressor, what)
         want = _reference_hint(ref, t, twin)
         expect_close(loss, want, what, atol=1e-6)
+        _fresh_gradients(student, regressor)
         loss.backward()
         want.backward()
         assert student.grad is not None, f"{what}: no gradient reached the student's features"

@@ -123,7 +123,10 @@ def _uw_value(fn, losses, log_vars, kinds):
     """The learner's loss for leaf copies of the inputs: ``(loss, loss leaves, log_vars leaf, what)``."""
     leaves, s = [_leaf(v) for v in losses], _leaf(log_vars)
     what = f"uncertainty_weighted_loss for {len(kinds)} task(s), kinds {list(kinds)}"
-    return expect_loss(fn(list(leaves), s, list(kinds)), what), leaves, s, what
+    loss = expect_loss(fn(list(leaves), s, list(kinds)), what)
+    for leaf in [*leaves, s]:  # a .grad the learner's code wrote is no gradient: the tests read their backward()'s
+        leaf.grad = None
+    return loss, leaves, s, what
 
 
 def _uw_mistakes(losses, log_vars, kinds):
@@ -368,7 +371,9 @@ def _head_parameters(model, backbone):
 def test_q3_outputs(TwoHeadNet):
     """returns {'left': [B, 10], 'right': [B, 10]}, runs the backbone once per forward pass, and the two tasks' logits differ"""
     backbone, model = _two_heads(TwoHeadNet)
-    out = _outputs(model, _images())
+    bias = backbone.fc.bias  # ours, whatever the learner's code makes of backbone.fc
+    x = _images()
+    out = _outputs(model, x)
     assert backbone.calls, ("the backbone you were given never ran: the model uses a copy of it (copy.deepcopy?) or "
                             "another network. Keep the backbone you are given, self.backbone = backbone")
     assert backbone.calls == 1, (
@@ -377,6 +382,20 @@ def test_q3_outputs(TwoHeadNet):
     assert not torch.allclose(out["left"], out["right"]), (
         "out['left'] equals out['right']: one head serves both tasks. Each task needs its own head (its own "
         "nn.Linear); only the backbone is shared")
+    # The counter is the learner's to write (the backbone runs where the learner's code runs): the outputs
+    # themselves must come from the backbone it was given, as it is now.
+    model.eval()
+    again = _outputs(model, x)
+    assert all(torch.allclose(again[k], out[k], atol=1e-6) for k in out), (
+        "two forward passes on the same images gave different logits: each task's logits are its head applied to "
+        "the backbone's features, not random numbers")
+    with torch.no_grad():
+        bias.add_(1.0)
+    moved = _outputs(model, x)
+    assert not any(torch.allclose(moved[k], out[k], atol=1e-6) for k in out), (
+        "the logits did not change when the backbone you were given changed: the model computes with a copy of it "
+        "(copy.deepcopy?) or ignores its features. Keep the backbone you are given, self.backbone = backbone, and "
+        "give its features to both heads")
 
 
 @points(1)
@@ -434,11 +453,12 @@ def test_q3_a_task_loss_reaches_the_backbone_and_its_own_head_only(TwoHeadNet):
 @points(0.5, visibility=HIDDEN)
 def test_q3_other_sizes_and_modes(TwoHeadNet):
     """works with another feature_dim and num_classes, and the heads are linear layers of the features"""
+    twin = _Backbone(7, seed=4)  # the checker's own: the learner's code may change the backbone it was given
     backbone, model = _two_heads(TwoHeadNet, feature_dim=7, num_classes=3, seed=4)
     x = _images(4, seed=9)
     out = _outputs(model, x, classes=3)
     with torch.no_grad():
-        features = backbone(x)
+        features = twin(x)
         heads = [m for m in model.modules() if isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (7, 3)]
         assert len(heads) == 2, (f"TwoHeadNet(backbone, 7, num_classes=3) should hold two nn.Linear(7, 3) heads, "
                                  f"not {len(heads)}: use feature_dim and num_classes")
@@ -509,9 +529,10 @@ def test_q4_value(gradient_cosine):
     for seed in (0, 1):
         loss_fn, shared, _ = _shared_net(seed)
         want = _reference_cosine(*loss_fn(), shared)
+        mistakes = _cosine_mistakes(loss_fn, shared)  # before the call too
         what = f"gradient_cosine on two regression losses over shared [5, 4] weights and [5] bias (case {seed + 1})"
         got = _cosine(gradient_cosine, *loss_fn(), shared, what)
-        message = first_match(got, want, _cosine_mistakes(loss_fn, shared))
+        message = first_match(got, want, mistakes)
         if message:
             raise AssertionError(f"{what} = {got:.5g}, not {want:.5g}: {message}")
         assert close(got, want, atol=1e-6), f"{what} should be {want:.5g}, not {got:.5g}"
@@ -528,6 +549,7 @@ def test_q4_value(gradient_cosine):
 def test_q4_leaves_grad_and_graph_alone(gradient_cosine):
     """writes nothing into .grad (torch.autograd.grad, not backward) and keeps the graph: training can still backpropagate both losses"""
     loss_fn, shared, heads = _shared_net(3)
+    want = _reference_cosine(*loss_fn(), shared)  # torch.autograd.grad: no .grad written
     loss_a, loss_b = loss_fn()
     value = _cosine(gradient_cosine, loss_a, loss_b, shared, "gradient_cosine(loss_a, loss_b, shared_params)")
     assert -1 - 1e-6 <= value <= 1 + 1e-6, f"a cosine lies in [−1, 1], not {value:.5g}"
@@ -540,6 +562,11 @@ def test_q4_leaves_grad_and_graph_alone(gradient_cosine):
     except RuntimeError:
         raise AssertionError("after gradient_cosine the losses cannot be backpropagated any more (the graph was "
                              "freed): pass retain_graph=True to torch.autograd.grad") from None
+    # Leaving .grad and the graph alone is to the credit only of an answer that computed the cosine: one that
+    # does nothing (returns 0.0) leaves them alone too.
+    assert close(value, want, atol=1e-6), (f"gradient_cosine(loss_a, loss_b, shared_params) left .grad and the graph "
+                                           f"alone but returned {value:.5g}, not the cosine {want:.5g}: get "
+                                           "test_q4_value right first")
 
 
 @points(1, visibility=HIDDEN)
@@ -548,8 +575,9 @@ def test_q4_matches_reference_unused_and_zero_gradients(gradient_cosine):
     for seed in (10, 11, 12):
         loss_fn, shared, _ = _shared_net(seed, n=8, d=3, h=7)
         what = f"gradient_cosine on random networks (seed {seed})"
-        assert close(_cosine(gradient_cosine, *loss_fn(), shared, what), _reference_cosine(*loss_fn(), shared),
-                     atol=1e-6), f"{what} differs from the cosine of the concatenated gradients"
+        want = _reference_cosine(*loss_fn(), shared)  # before the call, which may change the weights in place
+        assert close(_cosine(gradient_cosine, *loss_fn(), shared, what), want, atol=1e-6), (
+            f"{what} differs from the cosine of the concatenated gradients")
     loss_fn, shared, _ = _shared_net(13)
     extra = seeded_randn(3, seed=14).requires_grad_()
     loss_a, loss_b = loss_fn()

@@ -33,6 +33,7 @@ Decisions:
 Format: :mod:`tlcourse.grading.spec`.
 """
 
+import copy
 import math
 
 import torch
@@ -138,13 +139,20 @@ def _set(p, value):
         p.copy_(value)
 
 
+def _fresh_gradients(*modules):
+    """Forget the ``.grad`` of the modules' parameters: the learner's code may write one, and the gradient a
+    test reads must be its own backward()'s."""
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+
+
 @points(2)
 def test_q1_starts_as_the_frozen_layer(LoRALinear):
     """at the start the layer computes exactly what the frozen layer does (B = 0), and A is random, so training can move B"""
-    base, layer = _lora(LoRALinear)
+    _, layer = _lora(LoRALinear)
     x = seeded_randn(5, 6, seed=1)
-    with torch.no_grad():
-        got, want = expect_tensor(layer(x), "LoRALinear(base, 2, 4.0)(x)"), base(x)
+    with torch.no_grad():  # the frozen layer's output from our own copy of it, which the learner's code never saw
+        got, want = expect_tensor(layer(x), "LoRALinear(base, 2, 4.0)(x)"), _linear(6, 4, seed=0)(x)
     expect_shape(got, (5, 4), "LoRALinear(Linear(6, 4), 2, 4.0)(x) for x [5, 6]")
     a_zero, b_zero = not bool(layer.lora_A.detach().any()), not bool(layer.lora_B.detach().any())
     if a_zero and b_zero:
@@ -177,29 +185,33 @@ def test_q1_only_the_adapter_trains(LoRALinear):
     assert n == 2 * (7 + 3), f"rank 2 on a Linear(7, 3) trains 2 · (7 + 3) = 20 values, not {n}"
 
 
-def _scaling_mistakes(base, layer, x, rank, alpha):
-    update = x @ layer.lora_A.detach().T @ layer.lora_B.detach().T
+def _scaling_mistakes(update, rank, alpha):
     return [
         (alpha, "the update was scaled by alpha; scale it by alpha / rank (Hu et al. 2022; peft's default)"),
         (rank / alpha, "the update was scaled by rank / alpha; the scaling is alpha / rank"),
         (1.0, "the update B A was not scaled; multiply it by alpha / rank"),
         (1.0 / rank, "the update was scaled by 1 / rank; the scaling is alpha / rank"),
         (-alpha / rank, "the update was subtracted; the layer computes W x + (alpha / rank) · B A x"),
-    ], update
+    ]
 
 
 @points(1.5)
 def test_q1_update_scaled_by_alpha_over_rank(LoRALinear):
     """computes W x + b + (alpha / rank) · B A x: the update is scaled by alpha / rank, for more than one rank"""
     for rank, alpha in ((2, 6.0), (3, 8.0)):
-        base, layer = _lora(LoRALinear, n_in=5, n_out=4, rank=rank, alpha=alpha, seed=rank)
-        _set(layer.lora_A, seeded_randn(rank, 5, seed=10 + rank))
-        _set(layer.lora_B, seeded_randn(4, rank, seed=20 + rank))
+        _, layer = _lora(LoRALinear, n_in=5, n_out=4, rank=rank, alpha=alpha, seed=rank)
+        A, B = seeded_randn(rank, 5, seed=10 + rank), seeded_randn(4, rank, seed=20 + rank)
+        _set(layer.lora_A, A)
+        _set(layer.lora_B, B)
         x = seeded_randn(3, 5, seed=30)
+        # The reference from A and B as set here and from our own copy of the base layer: the learner's forward
+        # may change the layer's tensors in place, which must not move the target.
+        base = _linear(5, 4, seed=rank)
         with torch.no_grad():
             got = expect_tensor(layer(x), f"LoRALinear(Linear(5, 4), {rank}, {alpha})(x)")
             expect_shape(got, (3, 4), f"LoRALinear(Linear(5, 4), {rank}, {alpha})(x)")
-            mistakes, update = _scaling_mistakes(base, layer, x, rank, alpha)
+            update = x @ A.T @ B.T
+            mistakes = _scaling_mistakes(update, rank, alpha)
             want = base(x) + alpha / rank * update
             if not torch.allclose(got, want, atol=1e-5):
                 for scale, message in mistakes:
@@ -215,19 +227,24 @@ def test_q1_update_scaled_by_alpha_over_rank(LoRALinear):
 def test_q1_batches_of_sequences_no_bias_and_gradients(LoRALinear):
     """works on inputs [B, T, in] and a base without bias; gradients reach B (and A once B moved), never the base"""
     base, layer = _lora(LoRALinear, n_in=4, n_out=6, rank=1, alpha=1.0, bias=False, seed=7)
+    A = layer.lora_A.detach().clone()  # the layer's own random A, as it was made
     x = seeded_randn(2, 3, 4, seed=8)
     out = expect_tensor(layer(x), "LoRALinear(Linear(4, 6, bias=False), 1, 1.0)(x) for x [2, 3, 4]")
     expect_shape(out, (2, 3, 6), "the output for x [2, 3, 4]")
     out = layer(x)
+    _fresh_gradients(layer, base)  # the gradients read below are this backward()'s alone
     out.pow(2).sum().backward()
     assert layer.lora_B.grad is not None and bool(layer.lora_B.grad.any()), "no gradient reached lora_B"
     assert base.weight.grad is None, "a gradient reached the frozen base weight: freeze it"
-    _set(layer.lora_B, seeded_randn(6, 1, seed=9))
+    B = seeded_randn(6, 1, seed=9)
+    _set(layer.lora_B, B)
     layer.lora_A.grad = None
     with torch.no_grad():
-        want = base(x) + (x @ layer.lora_A.T @ layer.lora_B.T)
+        want = _linear(4, 6, bias=False, seed=7)(x) + (x @ A.T @ B.T)
     expect_close(layer(x).detach(), want, "the output on [2, 3, 4] inputs after B was set", atol=1e-5)
-    layer(x).pow(2).sum().backward()
+    out = layer(x)
+    _fresh_gradients(layer, base)
+    out.pow(2).sum().backward()
     assert layer.lora_A.grad is not None and bool(layer.lora_A.grad.any()), "no gradient reached lora_A once B ≠ 0"
 
 
@@ -237,6 +254,15 @@ def _trained_lora(n_in=5, n_out=3, rank=2, alpha=6.0, bias=True, seed=0, dtype=t
     layer = _LoRALinear(_linear(n_in, n_out, bias=bias, seed=seed, dtype=dtype), rank, alpha, seed=seed + 1)
     _set(layer.lora_B, seeded_randn(n_out, rank, seed=seed + 2).to(dtype))
     return layer
+
+
+def _merge_mistakes(layer):
+    """``(scale, message)``: merged weights W + scale · B A that the tests name (scale 0: W itself)."""
+    return ((1.0, "B A was added without the scaling alpha / rank"),
+            (layer.alpha, "B A was scaled by alpha; the scaling is alpha / rank"),
+            (1 / layer.scaling, "B A was scaled by rank / alpha; the scaling is alpha / rank"),
+            (0.0, "the weight is the frozen W: the update was not added"),
+            (-layer.scaling, "the update was subtracted; the merged weight is W + (alpha / rank) · B A"))
 
 
 def _merged(merge_lora, layer, what):
@@ -259,34 +285,40 @@ def _merged(merge_lora, layer, what):
 def test_q2_weight_and_outputs(merge_lora):
     """returns an nn.Linear with weight W + (alpha / rank) · B A, whose outputs equal the LoRA layer's"""
     layer = _trained_lora()
+    twin = copy.deepcopy(layer)  # before the call: what the learner's code does to the layer moves no target
     what = "merge_lora(LoRA rank 2, alpha 6 on Linear(5, 3))"
     merged = _merged(merge_lora, layer, what)
     weight = expect_tensor(merged.weight, f"the weight of {what}")
     expect_shape(weight, (3, 5), f"the weight of {what}")
-    want = _reference_merged_weight(layer)
+    want = _reference_merged_weight(twin)
     if not torch.allclose(weight, want, atol=1e-5):
-        for scale, message in ((1.0, "B A was added without the scaling alpha / rank"),
-                               (layer.alpha, "B A was scaled by alpha; the scaling is alpha / rank"),
-                               (1 / layer.scaling, "B A was scaled by rank / alpha; the scaling is alpha / rank"),
-                               (0.0, "the weight is the frozen W: the update was not added"),
-                               (-layer.scaling, "the update was subtracted; the merged weight is W + (alpha / rank) · B A")):
-            if torch.allclose(weight, _reference_merged_weight(layer, scale), atol=1e-5):
+        for scale, message in _merge_mistakes(twin):
+            if torch.allclose(weight, _reference_merged_weight(twin, scale), atol=1e-5):
                 raise AssertionError(f"{what}: {message}")
     expect_close(weight, want, f"the weight of {what}", atol=1e-5)
     x = seeded_randn(4, 5, seed=3)
     with torch.no_grad():
-        expect_close(merged(x), layer(x), f"the outputs of {what} against the LoRA layer's", atol=1e-5)
+        expect_close(merged(x), twin(x), f"the outputs of {what} against the LoRA layer's", atol=1e-5)
 
 
 @points(1)
 def test_q2_leaves_the_lora_layer_alone(merge_lora):
     """does not change the LoRA layer: its base weight, A, B and outputs stay as they were"""
     layer = _trained_lora(seed=4)
+    twin = copy.deepcopy(layer)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = seeded_randn(4, 5, seed=5)
     with torch.no_grad():
         out = layer(x)
-    _merged(merge_lora, layer, "merge_lora(layer)")
+    merged = _merged(merge_lora, layer, "merge_lora(layer)")
+    # An answer that merges nothing (returns layer.base, or a fresh nn.Linear) leaves the layer alone too: the
+    # merged weight must be W + scale · B A, with the right scale or a mistake test_q2_weight_and_outputs names.
+    weight = expect_tensor(merged.weight, "the merged weight")
+    assert tuple(weight.shape) == (3, 5) and any(
+        torch.allclose(weight, _reference_merged_weight(twin, scale), atol=1e-5)
+        for scale in [twin.scaling] + [scale for scale, _ in _merge_mistakes(twin) if scale != 0.0]), (
+        "the merged layer's weight is not W + (alpha / rank) · B A (nor W plus B A at another scale): a layer "
+        "without the update merged in leaves the LoRA layer alone trivially; get test_q2_weight_and_outputs right first")
     changed = [k for k, v in layer.state_dict().items() if not torch.equal(v, before[k])]
     assert not changed, (
         f"merge_lora changed the LoRA layer ({', '.join(changed)}): build the merged weight in a new tensor, so that "
@@ -300,18 +332,20 @@ def test_q2_leaves_the_lora_layer_alone(merge_lora):
 def test_q2_bias_and_dtype(merge_lora):
     """keeps the base layer's bias (or none), and its dtype"""
     layer = _trained_lora(seed=6)
+    bias = layer.base.bias.detach().clone()  # ours: the learner's code may change the layer's in place
     merged = _merged(merge_lora, layer, "merge_lora(layer)")
     assert merged.bias is not None, "the merged layer has no bias, but the base layer has one: copy it"
-    expect_close(merged.bias, layer.base.bias.detach(), "the merged layer's bias (the base layer's)", atol=0)
+    expect_close(merged.bias, bias, "the merged layer's bias (the base layer's)", atol=0)
     layer = _trained_lora(bias=False, seed=7)
     merged = _merged(merge_lora, layer, "merge_lora(a layer without bias)")
     assert merged.bias is None or not bool(merged.bias.detach().any()), (
         "the base layer has no bias, but the merged layer has a non-zero one (a fresh nn.Linear's random bias?): "
         "use bias=base.bias is not None")
     layer = _trained_lora(seed=8, dtype=torch.float64)
+    want = _reference_merged_weight(layer).clone()
     merged = _merged(merge_lora, layer, "merge_lora(a float64 layer)")
     assert merged.weight.dtype == torch.float64, f"a float64 layer was merged into {merged.weight.dtype}; keep its dtype"
-    expect_close(merged.weight, _reference_merged_weight(layer), "the merged weight of a float64 layer", atol=1e-10)
+    expect_close(merged.weight, want, "the merged weight of a float64 layer", atol=1e-10)
 
 
 @points(1, visibility=HIDDEN)
@@ -319,8 +353,9 @@ def test_q2_other_shapes_and_ranks(merge_lora):
     """right for other shapes, ranks and alphas"""
     for n_in, n_out, rank, alpha in ((8, 2, 1, 1.0), (3, 9, 3, 12.0), (6, 6, 4, 2.0)):
         layer = _trained_lora(n_in, n_out, rank, alpha, seed=n_in)
+        want = _reference_merged_weight(layer).clone()  # before the call
         merged = _merged(merge_lora, layer, f"merge_lora(rank {rank} on Linear({n_in}, {n_out}))")
-        expect_close(merged.weight, _reference_merged_weight(layer),
+        expect_close(merged.weight, want,
                      f"the merged weight for rank {rank}, alpha {alpha} on Linear({n_in}, {n_out})", atol=1e-5)
 
 
@@ -509,6 +544,11 @@ def test_q4_integer_buffers(interpolate):
     """integer tensors (BatchNorm's num_batches_tracked) stay integers, taken unchanged from one of the two models"""
     theta_0, theta_1 = _states(seed=3)
     out = _interpolated(interpolate, theta_0, theta_1, 0.5, "interpolate(theta_0, theta_1, 0.5)")
+    # Returning theta_0 or theta_1 as they are keeps their counts too: the weights must be interpolated first.
+    want = _reference_interpolate(theta_0, theta_1, 0.5)
+    for k in (k for k in theta_0 if theta_0[k].is_floating_point()):
+        expect_close(out[k], want[k], f"interpolate(theta_0, theta_1, 0.5)[{k!r}] (the weights first; see "
+                                      "test_q4_weights_and_statistics)", atol=1e-6)
     for k in (k for k in theta_0 if not theta_0[k].is_floating_point()):
         v = expect_tensor(out[k], f"the result's {k}")
         assert not v.is_floating_point(), (
@@ -572,7 +612,9 @@ def test_q4_refuses_different_models(interpolate):
 
 def _entropy_value(entropy_loss, logits, what):
     leaf = logits.detach().clone().requires_grad_(True)
-    return expect_loss(entropy_loss(leaf), what), leaf
+    value = expect_loss(entropy_loss(leaf), what)
+    leaf.grad = None  # a .grad the learner's code wrote is not a gradient of its loss
+    return value, leaf
 
 
 def _entropy_mistakes(logits):
@@ -615,11 +657,21 @@ def test_q5_entropy_stable_and_differentiable(entropy_loss):
     assert math.isfinite(got), ("entropy_loss gave nan or inf for logits of ±1000: softmax underflows to exactly 0 and "
                                 "0 · log 0 = 0 · (−inf) = nan; compute log p with log_softmax and p = log p.exp()")
     assert close(got, _reference_entropy(logits), atol=1e-6), f"for logits of ±1000 the entropy is ~0, not {got:.5g}"
-    value, leaf = _entropy_value(entropy_loss, seeded_randn(6, 4, seed=2), "entropy_loss(logits [6, 4])")
+    logits = seeded_randn(6, 4, seed=2)
+    value, leaf = _entropy_value(entropy_loss, logits, "entropy_loss(logits [6, 4])")
+    # A loss that is 0 on confident logits and sends some gradient (logits - logits.detach()) is not the entropy:
+    # the value and the gradient are those of the entropy.
+    want = _reference_entropy(logits)
+    assert close(float(value.detach()), want, rtol=1e-5, atol=1e-6), (
+        f"entropy_loss(logits [6, 4]) should be {want:.5g}, not {float(value.detach()):.5g}")
     assert value.requires_grad, "the loss is cut from the autograd graph (no_grad, .detach(), .item()?)"
     value.backward()
     assert leaf.grad is not None and bool(leaf.grad.any()), "no gradient reached the logits"
     assert bool(torch.isfinite(leaf.grad).all()), "the gradient with respect to the logits is not finite"
+    ref = logits.double().requires_grad_(True)
+    log_p = ref.log_softmax(1)
+    (-(log_p.exp() * log_p).sum(1).mean()).backward()
+    expect_close(leaf.grad, ref.grad, "the gradient of entropy_loss with respect to the logits", atol=1e-6)
 
 
 class _TentNet(TinyEfficientNet):
@@ -653,6 +705,7 @@ def _tent(tent_parameters, seed=0):
     model = _TentNet(seed).eval()
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     params = dict(model.named_parameters())
+    want = _reference_tent_names(model)  # before the call, which may change the model's layers
     returned = tent_parameters(model)
     assert isinstance(returned, (list, tuple)), (
         f"tent_parameters(model) should return a list of parameters (for the optimiser), not a {type(returned).__name__}")
@@ -662,14 +715,13 @@ def _tent(tent_parameters, seed=0):
         assert id(p) in by_id, ("tent_parameters returned something that is not one of the model's parameters; return "
                                 "the BatchNorm layers' weight and bias tensors themselves")
         names.append(by_id[id(p)])
-    return model, snapshot, params, names
+    return model, snapshot, params, names, want
 
 
 @points(1.5)
 def test_q5_tent_parameters_returned_and_trainable(tent_parameters):
     """returns exactly the BatchNorm scales and shifts (timm's BatchNormAct2d included), the only parameters left trainable"""
-    model, _, params, names = _tent(tent_parameters)
-    want = _reference_tent_names(model)
+    model, _, params, names, want = _tent(tent_parameters)
     assert names, ("tent_parameters returned no parameters. timm's BatchNorm layers are BatchNormAct2d, a subclass of "
                    "nn.BatchNorm2d: test isinstance(m, nn.modules.batchnorm._BatchNorm), not type(m) is nn.BatchNorm2d")
     assert len(names) == len(set(names)), "a parameter is returned twice"
@@ -689,7 +741,7 @@ def test_q5_tent_parameters_returned_and_trainable(tent_parameters):
 @points(1.5)
 def test_q5_tent_normalises_by_the_batch_with_dropout_off(tent_parameters):
     """afterwards the model normalises every batch by its own statistics (BatchNorm in train mode) and the rest stays in eval mode: no dropout"""
-    model, snapshot, _, _ = _tent(tent_parameters, seed=1)
+    model, snapshot, _, _, _ = _tent(tent_parameters, seed=1)
     x = seeded_randn(8, 3, 16, 16, seed=4, scale=2.0, shift=0.5)
     with torch.no_grad():
         first = expect_tensor(model(x), "the model's logits after tent_parameters(model)")

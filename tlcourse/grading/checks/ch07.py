@@ -218,6 +218,7 @@ def test_q1_gradients_reach_the_real_tokens_only(masked_mean_pool):
     expect_tensor(out, "masked_mean_pool(x, mask)")
     assert out.requires_grad, ("the result is cut from the autograd graph (torch.no_grad, .detach(), .data, NumPy?): "
                                "fine-tuning the encoder, as SetFit does, backpropagates through the pooling")
+    x.grad = None  # the gradient read below is this backward()'s, not one the learner's code wrote
     w = seeded_randn(3, 4, seed=16)
     (out * w).sum().backward()
     assert x.grad is not None, "no gradient reached token_embeddings"
@@ -326,17 +327,19 @@ def test_q2_gradients_and_square_matrices(cosine_similarity_matrix):
     """a square matrix is not symmetric ([i, j] compares a[i] with b[j]); gradients reach both inputs, as F.cosine_similarity's"""
     a = _vectors(4, 4, seed=27).requires_grad_(True)
     b = _vectors(4, 4, seed=28).requires_grad_(True)
+    a0, b0 = a.detach().clone(), b.detach().clone()  # ours: the learner's code may change a and b in place
     out = cosine_similarity_matrix(a, b)
     got = expect_tensor(out, "cosine_similarity_matrix(a [4, 4], b [4, 4])")
-    want = _reference_cosine_matrix(a, b)
+    want = _reference_cosine_matrix(a0, b0)
     if torch.allclose(got.double(), want.T, atol=1e-5) and not torch.allclose(want, want.T, atol=1e-5):
         raise AssertionError("for square inputs the matrix is transposed: entry [i, j] compares a[i] with b[j]")
     expect_close(got, want, "cosine_similarity_matrix(a [4, 4], b [4, 4])", atol=1e-5)
     assert out.requires_grad, "the result is cut from the autograd graph (no_grad, .detach(), NumPy?)"
     w = seeded_randn(4, 4, seed=29)
+    a.grad = b.grad = None
     (out * w).sum().backward()
-    a64 = a.detach().double().requires_grad_(True)
-    b64 = b.detach().double().requires_grad_(True)
+    a64 = a0.double().requires_grad_(True)
+    b64 = b0.double().requires_grad_(True)
     (_reference_cosine_matrix_graph(a64, b64) * w.double()).sum().backward()
     expect_close(a.grad, a64.grad, "the gradient with respect to a", atol=1e-5)
     expect_close(b.grad, b64.grad, "the gradient with respect to b", atol=1e-5)
@@ -480,7 +483,7 @@ def test_q3_edge_cases_and_inputs_untouched(fit_centroids, predict_nearest_centr
     want, _ = _reference_centroids(x, labels)
     expect_close(centroids, want, f"the centroids returned by {what}", atol=1e-5)
     one = torch.full((3,), 5, dtype=torch.long)
-    centroids, classes = _fit(fit_centroids, x[:3].clone(), one, "fit_centroids with a single class, 5")
+    centroids, classes = _fit(fit_centroids, x[:3].clone(), one.clone(), "fit_centroids with a single class, 5")
     assert classes.tolist() == [5], f"with a single class 5 the classes are [5], not {classes.tolist()}"
     expect_close(centroids, _reference_centroids(x[:3], one)[0], "the centroid of a single class", atol=1e-5)
     q = _vectors(6, 5, seed=36)
@@ -550,12 +553,14 @@ def test_q4_gradients_reach_both_sides(cosine_pair_loss):
     a = _vectors(6, 4, seed=44).requires_grad_(True)
     b = _vectors(6, 4, seed=45).requires_grad_(True)
     same = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    a0, b0 = a.detach().clone(), b.detach().clone()  # ours: the learner's code may change a and b in place
     loss = expect_loss(cosine_pair_loss(a, b, same.clone()), "cosine_pair_loss(a [6, 4], b [6, 4], same [6])")
     assert loss.requires_grad, ("the loss is cut from the autograd graph (no_grad, .detach(), .item(), NumPy?): it "
                                 "exists to send gradients into the encoder")
+    a.grad = b.grad = None  # the gradients read below are this backward()'s alone
     loss.backward()
-    a64 = a.detach().double().requires_grad_(True)
-    b64 = b.detach().double().requires_grad_(True)
+    a64 = a0.double().requires_grad_(True)
+    b64 = b0.double().requires_grad_(True)
     _reference_pair_loss(a64, b64, same).backward()
     for name, got, want in (("a", a.grad, a64.grad), ("b", b.grad, b64.grad)):
         assert got is not None, f"no gradient reached {name}: compute the cosine from {name} itself, not a detached copy"
@@ -577,8 +582,10 @@ def test_q4_zero_vector_dtype_and_inputs(cosine_pair_loss):
                                             "(F.cosine_similarity and F.normalize do), so a zero vector has cosine 0")
     assert close(got, float(_reference_pair_loss(*originals)), rtol=1e-8, atol=1e-10), f"{what} is {got:.6g}"
     a1, b1 = _vectors(1, 3, seed=48), _vectors(1, 3, seed=49)
-    value = expect_loss(cosine_pair_loss(a1, b1, torch.zeros(1)), "cosine_pair_loss on one pair")
-    assert close(float(value.detach()), float(_reference_pair_loss(a1, b1, torch.zeros(1))), atol=1e-6)
+    value = expect_loss(cosine_pair_loss(a1.clone(), b1.clone(), torch.zeros(1)), "cosine_pair_loss on one pair")
+    want = float(_reference_pair_loss(a1, b1, torch.zeros(1)))
+    assert close(float(value.detach()), want, atol=1e-6), (
+        f"cosine_pair_loss on one pair should be {want:.6g}, not {float(value.detach()):.6g}")
 
 
 # --- q5: make_pairs(labels [N], n_pairs, seed) -> (first [P], second [P], same [P]) -----------------
@@ -658,7 +665,11 @@ def test_q5_global_random_state_untouched(make_pairs):
         np_state = numpy.random.get_state()[1].copy()
     except ImportError:  # pragma: no cover
         numpy = np_state = None
-    _pairs(make_pairs, _pair_labels(seed=53), 10, 8, "make_pairs(labels, 10, seed=8)")
+    labels = _pair_labels(seed=53)
+    what = "make_pairs(labels, 10, seed=8)"
+    first, second, same = _pairs(make_pairs, labels.clone(), 10, 8, what)
+    # Pairs first: an answer that draws nothing (fixed or empty pairs) leaves every random state alone too.
+    _check_pairs(labels, first, second, same, 10, what)
     assert torch.equal(torch.get_rng_state(), torch_state), (
         "torch's global random state changed: torch.manual_seed(seed) inside a helper resets the randomness of the "
         "whole notebook (shuffling, dropout, initialisation); use g = torch.Generator().manual_seed(seed) and pass "
