@@ -150,7 +150,7 @@ def unanswered_after_run_all(exercise: Path) -> int:
 
 
 def exercise_set_tests(chapter: str, solution: Path, full: dict, wrong: dict, right: dict | None = None,
-                       timeout: float = 5.0, budget: float = 40.0) -> dict:
+                       timeout: float = 5.0, budget: float = 40.0, hostile: dict | None = None) -> dict:
     """The tests every chapter's exercise set meets, for a test module to adopt with
     ``globals().update(exercise_set_tests(...))`` (pytest collects them from there).
 
@@ -207,6 +207,20 @@ def exercise_set_tests(chapter: str, solution: Path, full: dict, wrong: dict, ri
         subs, seconds = graded
         assert seconds < budget, f"{len(subs)} notebooks took {seconds:.1f} s"
         assert max(s.seconds for s in subs.values()) < 10
+
+    if hostile:
+        @pytest.mark.parametrize("name", list(hostile))
+        def test_a_hostile_answer_earns_nothing_from_the_tests_it_targets(graded, name):
+            """``hostile``: name -> (question, source, message, targets), each also one of ``wrong``'s
+            variants: it passes none of ``targets`` (test names), or scores 0 where targets is "all"."""
+            qid, source, _, targets = hostile[name]
+            i = next(i for i, v in enumerate(wrong[qid]) if v[0] == source)
+            q = next(q for q in graded[0][("wrong", i)].questions if q.id == qid)
+            passed = sorted(t.name for t in q.tests if t.passed)
+            if targets == "all":
+                assert q.score == 0, (name, passed)
+            else:
+                assert not set(passed) & set(targets), (name, passed)
 
     def test_exercise_notebook_runs_through_without_errors():
         """'Run all' on a fresh exercise notebook reaches the end: unanswered checks only say so."""

@@ -292,19 +292,7 @@ RIGHT = {
 }
 
 
-globals().update(exercise_set_tests("07", SOLUTION, FULL, WRONG, RIGHT, TIMEOUT))
-
-
-@pytest.mark.parametrize("name", list(HOSTILE))
-def test_a_hostile_answer_earns_nothing_from_the_tests_it_targets(graded, name):
-    qid, source, _, targets = HOSTILE[name]
-    i = WRONG[qid].index(next(v for v in WRONG[qid] if v[0] == source))
-    q = next(q for q in graded[0][("wrong", i)].questions if q.id == qid)
-    passed = sorted(t.name for t in q.tests if t.passed)
-    if targets == "all":
-        assert q.score == 0, (name, passed)
-    else:
-        assert not set(passed) & set(targets), (name, passed)
+globals().update(exercise_set_tests("07", SOLUTION, FULL, WRONG, RIGHT, TIMEOUT, hostile=HOSTILE))
 
 
 def test_in_notebook_check_names_the_mistake_and_skips_hidden_tests():
