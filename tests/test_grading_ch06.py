@@ -197,6 +197,12 @@ HOSTILE = {
     "returns_theta_1": ("q4", "def interpolate(theta_0, theta_1, alpha):\n    return theta_1\n", "the weights first",
                         ["test_q4_weights_and_statistics", "test_q4_integer_buffers",
                          "test_q4_new_tensors_extrapolation_and_other_models"]),
+    # right everywhere, but at alpha 0 or 1 returns views of the inputs' own tensors ([...] aliases, unlike a
+    # clone): in one process changing the result changes an input; the wire must bring the view back as one
+    "views_of_the_inputs": ("q4", _interp(value="(start if alpha == 0 else end if alpha == 1 else "
+                                                "torch.lerp(start, end.to(start.dtype), alpha))[...]"),
+                            "changing the result in place changed an input",
+                            ["test_q4_new_tensors_extrapolation_and_other_models"]),
     # 0 on confident logits, with a gradient of ones
     "zero_with_a_gradient": ("q5", _tent(entropy=_entropy("return (logits - logits.detach()).sum()")), "should be",
                              ["test_q5_entropy_value", "test_q5_entropy_stable_and_differentiable"]),
@@ -271,19 +277,7 @@ RIGHT = {
 }
 
 
-globals().update(exercise_set_tests("06", SOLUTION, FULL, WRONG, RIGHT, TIMEOUT))
-
-
-@pytest.mark.parametrize("name", list(HOSTILE))
-def test_a_hostile_answer_earns_nothing_from_the_tests_it_targets(graded, name):
-    qid, source, _, targets = HOSTILE[name]
-    i = WRONG[qid].index(next(v for v in WRONG[qid] if v[0] == source))
-    q = next(q for q in graded[0][("wrong", i)].questions if q.id == qid)
-    passed = sorted(t.name for t in q.tests if t.passed)
-    if targets == "all":
-        assert q.score == 0, (name, passed)
-    else:
-        assert not set(passed) & set(targets), (name, passed)
+globals().update(exercise_set_tests("06", SOLUTION, FULL, WRONG, RIGHT, TIMEOUT, hostile=HOSTILE))
 
 
 def test_in_notebook_check_names_the_mistake_and_skips_hidden_tests():

@@ -33,8 +33,16 @@ the checker. Either side serves the other's requests while it waits for a reply
 (:meth:`Session.request`), so these nest.
 
 What does not cross: functions and objects of other kinds travel as handles
-(:class:`RemoteCallable`, :class:`RemoteObject`); tensor views lose their aliasing; a graph
-freed by ``backward()`` without ``retain_graph`` in the worker is not freed in the checker.
+(:class:`RemoteCallable`, :class:`RemoteObject`); a graph freed by ``backward()`` without
+``retain_graph`` in the worker is not freed in the checker.
+
+Views: a tensor the worker returns that shares storage with a tensor the checker sent in that
+call (``theta[k][...]``, ``x.view(-1)``, ``x[:2]``, a slice of a module's parameter) arrives as a
+view of the checker's own tensor (a ``"view"`` node: the base's id, offset, size and stride, all
+checked to lie inside the base's own elements; :meth:`Decoder.view`), so changing it in place
+changes the checker's input, as in one process. Other views (of a tensor the worker made, one
+that requires grad, a conjugate view, an ``nn.Parameter`` made from an input) arrive as new
+tensors, as before.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ MAX_MESSAGE = 256 << 20     # bytes of one message: the checks use tiny tensors
 MAX_HEADER = 16 << 20       # bytes of its JSON part
 MAX_DEPTH = 64              # nesting of containers and modules
 MAX_ITEMS = 200_000         # nodes in one message
+MAX_VIEW_DIMS = 64          # dimensions of a view node (torch's own limit)
+MAX_VIEW_INT = 1 << 48      # any one size, stride or offset of a view node
 
 TENSOR_DTYPES = ("float16", "bfloat16", "float32", "float64", "complex64", "complex128",
                  "uint8", "int8", "int16", "int32", "int64", "bool")
@@ -156,6 +166,7 @@ class Session:
         self.output: list[str] = []            # learner output carried in replies (checker side)
         self.output_read = 0                   # bytes of the worker's output file carried so far
         self.graphs: dict[str, list] = {}      # checker: tensor id -> the leaves sent with it
+        self.sent_tensors: set[str] = set()     # ids of this side's own tensors it has sent (view bases)
         self._n = 0
         self._req = 0
 
@@ -228,6 +239,7 @@ class Encoder:
         self.tensors: list = []         # tensors encoded in this message
         self.graph_leaves = graph_leaves  # checker: send the leaves under a tensor's graph too
         self._seen: set[int] = set()
+        self._bases: dict[int, list] = {}  # worker: storage address -> (id, tensor) the checker sent, in this message
         self._count = 0
 
     def blob(self, data: bytes) -> int:
@@ -297,11 +309,18 @@ class Encoder:
     def tensor(self, t, depth, differentiable=True):
         import torch
 
+        fresh = id(t) not in self.s.ids  # never sent before: the other side has no object of that id
         key = self.s.id_of(t)
         if id(t) in self._seen:
             return {"$": "ref", "id": key}
         self._seen.add(id(t))
         self.tensors.append(t)
+        if key.startswith(self.s.side):
+            self.s.sent_tensors.add(key)
+        if self.s.side == "w" and fresh and not key.startswith("c"):
+            view = self.view(t, key)
+            if view is not None:
+                return view
         data = t.detach()
         if data.device.type != "cpu":
             data = data.cpu()
@@ -322,7 +341,38 @@ class Encoder:
                 leaves = _graph_leaves(t)
                 self.s.graphs[key] = leaves
                 node["graph"] = [self.tensor(leaf, depth + 1, differentiable=False) for leaf in leaves]
+        if self.s.side == "w" and key.startswith("c") and t.device.type == "cpu" and t.numel():
+            # A tensor the checker sent, in full in this message (decoded there before what follows):
+            # a base that the worker's views of it can name.
+            self._bases.setdefault(t.untyped_storage().data_ptr(), []).append((key, t))
         return node
+
+    def view(self, t, key):
+        """Worker: a ``"view"`` node for ``t`` (a tensor never sent before) when it lies inside the
+        elements of a tensor the checker sent, encoded earlier in this message (the call's state
+        comes before its result); else None (``t`` travels as a new tensor). Only plain tensors that
+        need no autograd: a view that requires grad goes through :class:`RemoteCall` as a new
+        tensor, as before."""
+        import torch
+
+        if (type(t) is not torch.Tensor or t.requires_grad or t.grad is not None or t.layout != torch.strided
+                or t.device.type != "cpu" or t.is_conj() or t.is_neg() or not t.numel() or not self._bases):
+            return None
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in TENSOR_DTYPES:
+            return None
+        size, stride = list(t.shape), list(t.stride())
+        for base_key, b in self._bases.get(t.untyped_storage().data_ptr(), ()):
+            if b.dtype != t.dtype or not b.is_contiguous() or b.is_conj() or b.is_neg():
+                continue
+            offset = t.storage_offset() - b.storage_offset()
+            if offset < 0 or any(s < 0 for s in stride):
+                continue
+            if offset + sum((n - 1) * s for n, s in zip(size, stride)) >= b.numel():
+                continue
+            return {"$": "view", "id": key, "base": base_key, "dtype": dtype, "offset": offset, "size": size,
+                    "stride": stride}
+        return None
 
     def numpy(self, value):
         import numpy as np
@@ -502,6 +552,8 @@ class Decoder:
             return torch.device(str(v)[:40])
         if tag == "t":
             return self.tensor(node, depth)
+        if tag == "view":
+            return self.view(node)
         if tag == "np":
             return self.numpy(node)
         if tag == "mod":
@@ -572,6 +624,8 @@ class Decoder:
         # shrank (``resize_``) would change data the checker still reads after the call (a reference
         # computed from an emptied input equals an empty answer), and a view given new storage would
         # stop sharing its base's: those arrive as new tensors and the checker's own stay as they were.
+        if known is not None and not isinstance(known, torch.Tensor):
+            raise WireError("a tensor sent under the id of an object that is not a tensor")
         reshaped = known is not None and tuple(known.shape) != tuple(shape)
         if known is not None and type(known) in (torch.Tensor, torch.nn.Parameter) and known.is_leaf \
                 and known.dtype == dt and (type(known) is torch.nn.Parameter) == is_param \
@@ -607,6 +661,56 @@ class Decoder:
             g = self(grad, depth + 1)
             if type(g) is torch.Tensor and g.shape == t.shape:
                 t.grad = g.to(t.dtype)
+        return t
+
+    def view(self, node):
+        """A view the other side made of a tensor this side sent, decoded in this message (the
+        call's state, applied first): this side's own tensor, viewed with the offset, size and
+        stride given, relative to the base's first element. Every number is checked here, in
+        Python integers, so that the view lies inside the base's own elements (never elsewhere
+        in a storage the base shares with tensors that were not sent)."""
+        import torch
+
+        key, base_key, dtype = node.get("id"), node.get("base"), node.get("dtype")
+        if not isinstance(key, str) or not isinstance(base_key, str) or not 0 < len(key) <= 40:
+            raise WireError("malformed view")
+        if key in self._memo:
+            return self._memo[key]
+        if key.startswith(self.s.side) or key in self.s.objects:
+            raise WireError("a view under an id already in use")
+        base = self._memo.get(base_key)
+        if (base_key not in self.s.sent_tensors or type(base) not in (torch.Tensor, torch.nn.Parameter)
+                or self.s.objects.get(base_key) is not base):
+            raise WireError("a view of a tensor that was not sent in this call")
+        if dtype not in TENSOR_DTYPES or dtype != str(base.dtype).removeprefix("torch."):
+            raise WireError("a view of another dtype than its base's")
+        size, stride, offset = node.get("size"), node.get("stride"), node.get("offset")
+        if (type(size) is not list or type(stride) is not list or len(size) != len(stride)
+                or len(size) > MAX_VIEW_DIMS):
+            raise WireError("malformed view")
+        if not all(type(x) is int and 0 <= x <= MAX_VIEW_INT for x in [offset, *size, *stride]):
+            raise WireError("a view with a negative, huge or non-integer size, stride or offset")
+        count = math.prod(size)
+        if count == 0 or count * base.element_size() > MAX_MESSAGE:
+            raise WireError("a view of no elements, or of more than a message may carry")
+        if base.layout != torch.strided:
+            raise WireError("a view of a tensor that is not strided")
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= base.numel():
+            raise WireError("a view that reaches outside its base")
+        if (base.storage_offset() + base.numel()) * base.element_size() > base.untyped_storage().nbytes():
+            raise WireError("a view of a tensor whose storage does not hold it")  # never, for a real tensor
+        with torch.no_grad():
+            if base.is_contiguous() and not base.is_conj() and not base.is_neg():
+                # The base's elements are its storage's, in order, from its own offset: the
+                # other side's copy of it was laid out the same way.
+                # detach(): the other side's view needed no grad (a view that does travels as a new tensor)
+                t = base.detach().as_strided(size, stride, base.storage_offset() + offset)
+            else:  # laid out otherwise here: a new tensor with the same values, as before
+                flat = base.detach().resolve_conj().resolve_neg().reshape(-1).clone()
+                t = flat.as_strided(size, stride, offset).clone()
+        self.s.register(key, t)
+        self._memo[key] = t
         return t
 
     def module(self, node, depth):

