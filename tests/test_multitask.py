@@ -364,6 +364,7 @@ def test_train_multitask_learns_both_digits(small_data):
     h = result.history
     steps = 4 * (768 // 64)
     assert h["tasks"] == tasks and set(h) >= {"step_loss", "train_loss", "val", "weights", "cosine", "epoch_seconds"}
+    assert 0 < result.cpu_seconds and 0 < result.seconds   # both clocks of the run (CPU time: every thread)
     assert all(len(h["step_loss"][t]) == len(h["weights"][t]) == steps for t in tasks)
     assert all(len(h["train_loss"][t]) == len(h["val"][t]) == 4 for t in tasks)
     assert h["cosine"]["step"] == list(range(0, steps, 10))

@@ -633,6 +633,9 @@ class MultiTaskResult:
     - ``"epoch_seconds"``: training time per epoch (without validation).
 
     ``metrics``: the validation metrics after the last epoch (empty without ``val``).
+    ``seconds``: wall-clock time of the whole run; ``cpu_seconds``: this process's CPU time over it
+    (every thread), which other programs on the machine do not lengthen: the fairer one for
+    comparing the cost of two runs made at different moments.
     """
 
     model: MultiTaskNet
@@ -640,6 +643,7 @@ class MultiTaskResult:
     history: dict
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: float = 0.0
 
 
 def train_multitask(model: MultiTaskNet, data, tasks: Sequence[str | Task], *, val=None,
@@ -695,7 +699,7 @@ def train_multitask(model: MultiTaskNet, data, tasks: Sequence[str | Task], *, v
                "val": {n: [] for n in names}, "weights": {n: [] for n in names},
                "cosine": {"step": [], "matrix": []}, "epoch_seconds": []}
     metrics: dict[str, float] = {}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     epoch_bar = range(epochs)
     if progress:
         from tqdm.auto import tqdm
@@ -742,7 +746,8 @@ def train_multitask(model: MultiTaskNet, data, tasks: Sequence[str | Task], *, v
                 epoch_bar.set_postfix({n: f"{v:.3f}" for n, v in metrics.items()})
     model = model.to(memory_format=torch.contiguous_format)
     model.eval()
-    return MultiTaskResult(model, combiner, history, time.perf_counter() - start, metrics)
+    return MultiTaskResult(model, combiner, history, time.perf_counter() - start, metrics,
+                           cpu_seconds=time.process_time() - cpu_start)
 
 
 @torch.no_grad()
